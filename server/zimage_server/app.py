@@ -1,0 +1,237 @@
+"""Composition root: wires config, engine, scheduler, servicers, health, reflection and metrics.
+
+Lifecycle: ``start()`` binds the ports at once (health answers NOT_SERVING), loads
+and warms the model on a worker thread, then flips health to SERVING.
+``stop(grace_s)`` drains: health NOT_SERVING, new requests UNAVAILABLE, queued and
+running requests get up to ``grace_s`` to finish, the rest end with UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pathlib
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+from zimage.v1 import zimage_pb2 as pb
+from zimage.v1 import zimage_pb2_grpc as pb_grpc
+
+from . import __version__
+from .config import ServerConfig
+from .metrics import EngineCollector, EngineReadings, Metrics
+from .scheduler import Scheduler
+from .transport.codec import Limits, format_to_pb
+from .transport.interceptors import AuthInterceptor, load_token
+from .transport.service import ImageGenerationService
+from .types import ImageFormat
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGenerationService"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+class ZImageServer:
+    """One server process: gRPC front, scheduler, engine, metrics endpoint."""
+
+    def __init__(self, config: ServerConfig, *, engine: Any = None):
+        config.validate()
+        self.config = config
+        self.metrics = Metrics()
+        self.metrics.registry.register(EngineCollector(self.engine_readings))
+        self.engine = engine
+        self.scheduler: Scheduler | None = None
+        self.health = HealthServicer()
+        self.service = ImageGenerationService(self.metrics, log_prompts=config.log_prompts)
+        self._server: grpc.aio.Server | None = None
+        self._metrics_server: Any = None
+        self._load_task: asyncio.Task[None] | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self.ready = asyncio.Event()
+        self.load_error: BaseException | None = None
+        self._recompiles_seen = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self, *, wait_ready: bool = True) -> None:
+        """Bind ports, then load and warm the model (awaited when ``wait_ready``)."""
+        cfg = self.config
+        interceptors = []
+        if cfg.auth_token_file:
+            interceptors.append(AuthInterceptor(load_token(cfg.auth_token_file), self.metrics))
+        options = [
+            ("grpc.max_send_message_length", cfg.max_send_message_bytes),
+            ("grpc.max_receive_message_length", cfg.max_receive_message_bytes),
+            ("grpc.max_concurrent_streams", cfg.max_concurrent_streams),
+            ("grpc.keepalive_time_ms", int(cfg.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        pb_grpc.add_ImageGenerationServiceServicer_to_server(self.service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            server,
+        )
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            credentials = grpc.ssl_server_credentials(
+                [(pathlib.Path(cfg.tls_key).read_bytes(), pathlib.Path(cfg.tls_cert).read_bytes())],
+                root_certificates=pathlib.Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None,
+                require_client_auth=bool(cfg.tls_client_ca),
+            )
+            self.port = server.add_secure_port(address, credentials)
+        else:
+            self.port = server.add_insecure_port(address)
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.start()
+        self._server = server
+        if cfg.metrics_port:
+            self._metrics_server, _ = start_http_server(cfg.metrics_port, addr=cfg.metrics_host,
+                                                        registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
+        log.info("gRPC listening on %s:%d (model loading; health NOT_SERVING)", cfg.host, self.port)
+        self._load_task = asyncio.get_running_loop().create_task(self._load_and_warm())
+        if wait_ready:
+            await self._load_task
+            if self.load_error is not None:
+                raise self.load_error
+
+    async def _load_and_warm(self) -> None:
+        try:
+            await asyncio.to_thread(self._load_sync)
+        except BaseException as exc:  # reported to the caller of start() and in the log
+            self.load_error = exc
+            log.error("model failed to load: %s", exc)
+            return
+        scheduler = Scheduler(self.engine, self.config.scheduler, self.metrics,
+                              estimated_step_s=getattr(self, "_warm_step_s", 0.0),
+                              mix_table=getattr(self, "_mix_table", None))
+        scheduler.start()
+        self.scheduler = scheduler
+        self.service.attach(scheduler, self.limits(), self.model_info())
+        self.metrics.build_info.info(self._build_labels())
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self.ready.set()
+        log.info("serving %s on port %d", self.config.engine.model, self.port)
+
+    def _load_sync(self) -> None:
+        from .engine import accel
+        from .engine.engine import ZImageEngine
+
+        started = time.monotonic()
+        if self.engine is None:
+            self.engine = ZImageEngine.load(self.config.engine)
+        load_s = time.monotonic() - started
+        self.metrics.model_load.set(load_s)
+        log.info("model %s loaded in %.1f s", self.config.engine.model, load_s)
+        desc = self.engine.description
+        sizes = list(self.config.engine.warmup_sizes) or [(desc.default_size_px, desc.default_size_px)]
+        batches = sorted({1, min(2, self.config.scheduler.max_batch_size)})
+        warm_s = self.engine.warmup(sizes, batches)
+        self.metrics.warmup.set(warm_s)
+        if self.config.engine.compile:
+            self.metrics.compile.set(warm_s)
+        self._warm_step_s = getattr(self.engine, "last_step_s", 0.0)
+        if self.config.scheduler.batching == "step" and self.config.scheduler.mix_resolutions == "auto":
+            self._mix_table = self.engine.calibrate_mixing(sizes) if len(sizes) > 1 else {}
+        self._recompiles_seen = accel.recompilations()
+        log.info("warm-up of %s x batch %s took %.1f s", sizes, batches, warm_s)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain and stop; see the module docstring."""
+        grace = self.config.drain_timeout_s if grace_s is None else grace_s
+        await self.health.enter_graceful_shutdown()
+        if self.scheduler is not None:
+            self.scheduler.stop_accepting()
+            await self.scheduler.close(grace)
+        if self._server is not None:
+            await self._server.stop(1.0)
+        if self._load_task is not None and not self._load_task.done():
+            self._load_task.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+    # ------------------------------------------------------------------ engine readings
+    def engine_readings(self) -> EngineReadings:
+        """Recompilations since warm-up and GPU memory, read at scrape time."""
+        if self.engine is None or not self.ready.is_set():
+            return EngineReadings()
+        from .engine import accel
+
+        stats = self.engine.memory_stats()
+        return EngineReadings(
+            recompilations=max(0, accel.recompilations() - self._recompiles_seen),
+            gpu_allocated_bytes=stats.get("allocated"),
+            gpu_reserved_bytes=stats.get("reserved"),
+        )
+
+    # ------------------------------------------------------------------ descriptions
+    def limits(self) -> Limits:
+        desc = self.engine.description
+        cfg = self.config
+        return Limits(
+            min_size_px=desc.min_size_px, max_size_px=desc.max_size_px, size_multiple_px=desc.size_multiple_px,
+            default_size_px=desc.default_size_px, max_steps=cfg.max_steps, default_steps=8,
+            max_num_images=cfg.max_num_images, max_prompt_chars=cfg.max_prompt_chars,
+            max_guidance_scale=cfg.max_guidance_scale, max_loras_per_request=cfg.engine.max_loras_per_request,
+            max_lora_scale=cfg.engine.max_lora_scale,
+        )
+
+    def model_info(self) -> pb.GetModelInfoResponse:
+        desc = self.engine.description
+        limits = self.limits()
+        cfg = self.config
+        return pb.GetModelInfoResponse(
+            model_id=desc.model_id, dtype=desc.dtype, device=desc.device, quantization=desc.quantization,
+            quant_backend=desc.quant_backend, compiled=desc.compiled, attention_backend=desc.attention_backend,
+            batching=cfg.scheduler.batching,
+            defaults=pb.Defaults(width_px=limits.default_size_px, height_px=limits.default_size_px,
+                                 steps=limits.default_steps, guidance_scale=0.0,
+                                 output_format=format_to_pb(ImageFormat.PNG), quality=limits.default_quality,
+                                 preview_max_side_px=limits.default_preview_side_px),
+            limits=pb.Limits(
+                width_px=pb.IntRange(min=limits.min_size_px, max=limits.max_size_px),
+                height_px=pb.IntRange(min=limits.min_size_px, max=limits.max_size_px),
+                size_multiple_px=limits.size_multiple_px,
+                steps=pb.IntRange(min=1, max=limits.max_steps),
+                num_images=pb.IntRange(min=1, max=limits.max_num_images),
+                max_prompt_chars=limits.max_prompt_chars, max_prompt_tokens=desc.max_prompt_tokens,
+                max_guidance_scale=limits.max_guidance_scale,
+                priority=pb.IntRange(min=limits.min_priority, max=limits.max_priority),
+                max_batch_size=cfg.scheduler.max_batch_size, max_queue_size=cfg.scheduler.max_queue_size,
+                default_timeout_ms=cfg.scheduler.default_timeout_ms,
+                max_loras_per_request=limits.max_loras_per_request, max_lora_scale=limits.max_lora_scale,
+                max_send_message_bytes=cfg.max_send_message_bytes,
+                max_preview_side_px=limits.max_preview_side_px,
+            ),
+            server_version=__version__,
+            output_formats=[format_to_pb(f) for f in ImageFormat],
+            is_preset=desc.is_preset,
+            transformer_parameters=desc.transformer_parameters,
+            transformer_weight_bytes=desc.transformer_weight_bytes,
+            offload=desc.offload,
+        )
+
+    def _build_labels(self) -> dict[str, str]:
+        desc = self.engine.description
+        return {
+            "version": __version__, "model": desc.model_id, "dtype": desc.dtype, "device": desc.device,
+            "quantization": desc.quantization, "compile": str(desc.compiled).lower(),
+            "batching": self.config.scheduler.batching,
+        }

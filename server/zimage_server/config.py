@@ -1,0 +1,128 @@
+"""The typed, frozen configuration, built once from flags, a config file and the environment."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the model is loaded and run."""
+
+    model: str = "tiny"
+    device: str = "auto"  # auto: cuda when present, else cpu
+    dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
+    compile: bool = False
+    compile_vae: bool = False
+    quantize: str = "none"  # none | int8 | fp8 | int4
+    quant_backend: str = "torchao"  # quanto | torchao
+    quantize_text_encoder: bool = False
+    quant_cache_dir: str = ""
+    attention: str = "native"
+    offload: bool = False
+    max_sequence_length: int = 512
+    decode: str = "batched"  # batched | per_image
+    warmup_sizes: tuple[tuple[int, int], ...] = ()
+    lora_dir: str = ""
+    max_loras_per_request: int = 4
+    max_lora_scale: float = 4.0
+
+    def validate(self) -> None:
+        if self.quantize not in ("none", "int8", "fp8", "int4"):
+            raise ConfigError(f"--quantize must be one of none, int8, fp8, int4 (got {self.quantize!r})")
+        if self.quant_backend not in ("quanto", "torchao"):
+            raise ConfigError(f"--quant-backend must be quanto or torchao (got {self.quant_backend!r})")
+        if self.quantize != "none" and self.quant_backend == "quanto" and self.compile:
+            raise ConfigError(
+                "--compile cannot be combined with --quant-backend quanto: optimum-quanto's tensors do not "
+                "support torch.compile; use --quant-backend torchao with --compile, or drop --compile"
+            )
+        if self.decode not in ("batched", "per_image"):
+            raise ConfigError(f"--decode must be batched or per_image (got {self.decode!r})")
+        if self.max_sequence_length < 16:
+            raise ConfigError("--max-sequence-length must be at least 16")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching policy and queue limits."""
+
+    batching: str = "request"  # request | step
+    max_batch_size: int = 4
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_delay_ms: float = 10.0
+    max_queue_size: int = 64
+    default_timeout_ms: int = 300_000
+    priority_aging_s: float = 10.0
+    max_tokens_per_step: int = 0  # 0: no token budget
+    mix_resolutions: str = "auto"  # auto | always | never
+
+    def validate(self) -> None:
+        if self.batching not in ("request", "step"):
+            raise ConfigError(f"--batching must be request or step (got {self.batching!r})")
+        if self.max_batch_size < 1:
+            raise ConfigError("--max-batch-size must be >= 1")
+        for size in self.preferred_batch_sizes:
+            if not 1 <= size <= self.max_batch_size:
+                raise ConfigError(
+                    f"--preferred-batch-sizes: {size} is outside 1..max_batch_size ({self.max_batch_size})"
+                )
+        if self.max_queue_delay_ms < 0:
+            raise ConfigError("--max-queue-delay-ms must be >= 0")
+        if self.max_queue_size < 1:
+            raise ConfigError("--max-queue-size must be >= 1")
+        if self.default_timeout_ms <= 0:
+            raise ConfigError("--default-timeout-ms must be > 0")
+        if self.priority_aging_s <= 0:
+            raise ConfigError("--priority-aging-s must be > 0")
+        if self.mix_resolutions not in ("auto", "always", "never"):
+            raise ConfigError("--mix-resolutions must be auto, always or never")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything the composition root needs."""
+
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = 9464
+    http_host: str = "0.0.0.0"
+    http_port: int = 0
+    drain_timeout_s: float = 30.0
+    max_prompt_chars: int = 4000
+    max_steps: int = 50
+    max_num_images: int = 4
+    max_guidance_scale: float = 20.0
+    max_concurrent_streams: int = 256
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    max_send_message_bytes: int = 256 * 1024 * 1024
+    keepalive_time_s: float = 60.0
+    keepalive_timeout_s: float = 20.0
+    log_format: str = "text"
+    log_level: str = "INFO"
+    log_prompts: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
+    auth_token_file: str = ""
+
+    def validate(self) -> None:
+        self.engine.validate()
+        self.scheduler.validate()
+        if not 0 <= self.port < 65536:
+            raise ConfigError(f"--port must be 0..65535 (got {self.port})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError("--log-format must be text or json")
+        if self.max_num_images < 1 or self.max_steps < 1:
+            raise ConfigError("--max-num-images and --max-steps must be >= 1")

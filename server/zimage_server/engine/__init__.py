@@ -1,0 +1,1 @@
+"""The Z-Image engine: diffusers components driven by our own batched denoising loop."""

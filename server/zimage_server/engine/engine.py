@@ -1,0 +1,406 @@
+"""The engine: Z-Image's denoising loop, one batched step at a time.
+
+Synchronous and torch-only; the scheduler calls it from a single engine
+thread. The interface is narrow so the scheduler can be tested with a fake:
+
+- ``start(requests)``   text-encode (batched) and draw each image's noise -> slots
+- ``step(slots, ...)``  advance every slot by one denoising step in one transformer call
+- ``decode(slots)``     VAE-decode finished slots to uint8 RGB arrays
+
+Each slot carries its own latents, seed, sigma schedule and step index, so
+slots at different steps, with different step counts or resolutions, can share
+a forward: the transformer takes a list of latents and a per-sample timestep.
+The math is the one ``ZImagePipeline.__call__`` runs (tests compare them).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+
+from ..config import ConfigError, EngineConfig
+from ..types import GenerationRequest, ImageFormat
+from . import accel
+from .presets import PRESETS, build_preset
+from .previews import LatentPreviewer
+
+log = logging.getLogger(__name__)
+
+VAE_SCALE = 8  # pixels per latent; the transformer's 2x2 patches make sizes multiples of 16
+
+
+@dataclasses.dataclass
+class ModelDescription:
+    """Static facts about the loaded model, for GetModelInfo and metrics."""
+
+    model_id: str
+    is_preset: bool
+    device: str
+    dtype: str
+    default_size_px: int
+    min_size_px: int
+    max_size_px: int
+    size_multiple_px: int
+    max_prompt_tokens: int
+    transformer_parameters: int
+    transformer_weight_bytes: int
+    quantization: str
+    quant_backend: str
+    compiled: bool
+    attention_backend: str
+    offload: bool
+
+
+@dataclasses.dataclass(eq=False)
+class Slot:
+    """One image in flight: everything needed to advance it one step."""
+
+    request_id: str
+    index: int
+    seed: int
+    width: int
+    height: int
+    guidance_scale: float
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    latents: torch.Tensor  # [1, 16, h/8, w/8], float32
+    sigmas: torch.Tensor  # [steps + 1], float32, ends with 0
+    model_t: torch.Tensor  # [steps], the transformer's timestep input per step
+    step_index: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return int(self.model_t.shape[0])
+
+    @property
+    def done(self) -> bool:
+        return self.step_index >= self.total_steps
+
+    @property
+    def tokens(self) -> int:
+        return (self.width // 16) * (self.height // 16)
+
+
+FaultHook = Callable[[str, Sequence[str]], None]
+
+
+class ZImageEngine:
+    """Owns the diffusers components and runs encode / step / decode on batches."""
+
+    def __init__(self, pipe: ZImagePipeline, config: EngineConfig, description: ModelDescription):
+        self.pipe = pipe
+        self.config = config
+        self.description = description
+        self.device = torch.device(description.device)
+        self.transformer = pipe.transformer
+        self.text_encoder = pipe.text_encoder
+        self.tokenizer = pipe.tokenizer
+        self.vae = pipe.vae
+        self._scheduler_config = pipe.scheduler.config
+        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._previewer = LatentPreviewer(self.device)
+        self._embed_cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
+        self._embed_cache_size = 64
+        # Test seam: called before each stage with the request ids involved; may raise.
+        self.fault_hook: FaultHook | None = None
+        self.forward_count = 0
+        self.last_step_s = 0.0
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, config: EngineConfig) -> ZImageEngine:
+        """Load a preset or a diffusers checkpoint and apply the acceleration options."""
+        config.validate()
+        device = resolve_device(config.device)
+        dtype = resolve_dtype(config.dtype, device)
+        accel.check_combination(config, device)
+        if config.model in PRESETS:
+            spec = PRESETS[config.model]
+            components = build_preset(config.model, device if not config.offload else torch.device("cpu"), dtype)
+            pipe = ZImagePipeline(**components)
+            sizes = (spec.default_size_px, spec.min_size_px, spec.max_size_px)
+            is_preset = True
+        else:
+            pipe = ZImagePipeline.from_pretrained(config.model, torch_dtype=dtype)
+            if not config.offload:
+                pipe.to(device)
+            sizes = (1024, 256, 2048)
+            is_preset = False
+        pipe.set_progress_bar_config(disable=True)
+        accel.apply(pipe, config, device)
+        transformer = pipe.transformer
+        description = ModelDescription(
+            model_id=config.model,
+            is_preset=is_preset,
+            device=str(device),
+            dtype=str(dtype).removeprefix("torch."),
+            default_size_px=sizes[0],
+            min_size_px=sizes[1],
+            max_size_px=sizes[2],
+            size_multiple_px=2 * VAE_SCALE,
+            max_prompt_tokens=config.max_sequence_length,
+            transformer_parameters=accel.parameter_count(transformer),
+            transformer_weight_bytes=accel.weight_bytes(transformer),
+            quantization=config.quantize,
+            quant_backend=config.quant_backend if config.quantize != "none" else "",
+            compiled=config.compile,
+            attention_backend=config.attention,
+            offload=config.offload,
+        )
+        return cls(pipe, config, description)
+
+    # ------------------------------------------------------------------ schedule
+    def schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigmas (steps + 1) and transformer timesteps (steps) exactly as the pipeline computes them."""
+        if steps not in self._schedules:
+            scheduler = FlowMatchEulerDiscreteScheduler.from_config(self._scheduler_config)
+            # Z-Image's default sigmas; Turbo's static shift makes mu irrelevant, but pass it as the pipeline does.
+            sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
+            kwargs = {"mu": 0.5} if scheduler.config.get("use_dynamic_shifting", False) else {}
+            scheduler.set_timesteps(sigmas=sigmas, device=self.device, **kwargs)
+            model_t = torch.stack([(1000 - t) / 1000 for t in scheduler.timesteps])
+            self._schedules[steps] = (scheduler.sigmas.to(torch.float32), model_t)
+        return self._schedules[steps]
+
+    # ------------------------------------------------------------------ stages
+    def _check_fault(self, stage: str, ids: Sequence[str]) -> None:
+        if self.fault_hook is not None:
+            self.fault_hook(stage, ids)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Encode prompts in one text-encoder batch (cached by text), as the pipeline does."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
+        if missing:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+                )
+                for p in missing
+            ]
+            inputs = self.tokenizer(
+                texts,
+                padding="max_length",
+                max_length=self.config.max_sequence_length,
+                truncation=True,
+                return_tensors="pt",
+            )
+            ids = inputs.input_ids.to(self.device)
+            mask = inputs.attention_mask.to(self.device).bool()
+            hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
+            for i, prompt in enumerate(missing):
+                self._embed_cache[prompt] = hidden[i][mask[i]].to(self.device)
+                while len(self._embed_cache) > self._embed_cache_size:
+                    self._embed_cache.popitem(last=False)
+        out = []
+        for p in prompts:
+            self._embed_cache.move_to_end(p)
+            out.append(self._embed_cache[p])
+        return out
+
+    @torch.no_grad()
+    def start(self, requests: Sequence[GenerationRequest]) -> list[list[Slot]]:
+        """Encode the requests' prompts in one batch and create one slot per image."""
+        self._check_fault("encode", [r.request_id for r in requests])
+        prompts = [r.prompt for r in requests]
+        prompts += [r.negative_prompt for r in requests if r.guidance_scale > 0]
+        embeds = dict(zip(prompts, self.encode_prompts(prompts), strict=True))
+        out: list[list[Slot]] = []
+        for r in requests:
+            sigmas, model_t = self.schedule(r.steps)
+            slots = []
+            for index, seed in enumerate(r.image_seeds()):
+                out_shape = (1, self.transformer.config.in_channels, r.height // VAE_SCALE, r.width // VAE_SCALE)
+                # Noise is drawn on the CPU from the image's own generator: the same seed gives the same
+                # image on any device and in any batch (the pipeline does the same with a CPU generator).
+                gen = torch.Generator(device="cpu").manual_seed(seed)
+                latents = torch.randn(out_shape, generator=gen, dtype=torch.float32).to(self.device)
+                slots.append(
+                    Slot(
+                        request_id=r.request_id,
+                        index=index,
+                        seed=seed,
+                        width=r.width,
+                        height=r.height,
+                        guidance_scale=r.guidance_scale,
+                        prompt_embeds=embeds[r.prompt],
+                        negative_embeds=embeds[r.negative_prompt] if r.guidance_scale > 0 else None,
+                        latents=latents,
+                        sigmas=sigmas,
+                        model_t=model_t,
+                    )
+                )
+            out.append(slots)
+        return out
+
+    @torch.no_grad()
+    def step(self, slots: Sequence[Slot], want_preview: Sequence[bool] = ()) -> list[np.ndarray | None]:
+        """Advance every slot by one denoising step in a single transformer call.
+
+        Returns, per slot, an RGB preview (latent resolution, uint8) where asked, else None.
+        """
+        self._check_fault("step", [s.request_id for s in slots])
+        dtype = self.transformer.dtype
+        positives = list(slots)
+        guided = [s for s in slots if s.negative_embeds is not None]
+        x = [s.latents.to(dtype).unsqueeze(2)[0] for s in positives + guided]
+        t = torch.stack([s.model_t[s.step_index] for s in positives + guided])
+        caps = [s.prompt_embeds for s in positives] + [s.negative_embeds for s in guided]
+        out = self.transformer(x, t, caps, return_dict=False)[0]
+        self.forward_count += 1
+        negative_out = dict(zip((id(s) for s in guided), out[len(positives) :], strict=True))
+        previews: list[np.ndarray | None] = []
+        for i, slot in enumerate(positives):
+            pred = out[i].float()
+            if slot.negative_embeds is not None:
+                neg = negative_out[id(slot)].float()
+                pred = pred + slot.guidance_scale * (pred - neg)
+            noise_pred = -pred.squeeze(1).unsqueeze(0)
+            k = slot.step_index
+            sigma, sigma_next = slot.sigmas[k], slot.sigmas[k + 1]
+            preview = None
+            if i < len(want_preview) and want_preview[i]:
+                preview = self._previewer.to_rgb((slot.latents - sigma * noise_pred)[0])
+            slot.latents = (slot.latents + (sigma_next - sigma) * noise_pred).to(torch.float32)
+            slot.step_index += 1
+            previews.append(preview)
+        return previews
+
+    @torch.no_grad()
+    def decode(self, slots: Sequence[Slot]) -> list[np.ndarray]:
+        """VAE-decode finished slots to HxWx3 uint8; same-size slots decode together unless per_image."""
+        self._check_fault("decode", [s.request_id for s in slots])
+        results: dict[int, np.ndarray] = {}
+        groups: dict[tuple[int, int], list[int]] = collections.defaultdict(list)
+        for i, s in enumerate(slots):
+            groups[(s.height, s.width)].append(i)
+        vae_dtype = self.vae.dtype
+        scaling, shift = self.vae.config.scaling_factor, self.vae.config.shift_factor
+        for indices in groups.values():
+            chunks = [indices] if self.config.decode == "batched" else [[i] for i in indices]
+            for chunk in chunks:
+                latents = torch.cat([slots[i].latents for i in chunk])
+                latents = (latents.to(vae_dtype) / scaling) + shift
+                image = self.vae.decode(latents, return_dict=False)[0]
+                image = (image / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
+                pixels = (image * 255).round().astype("uint8")
+                for j, i in enumerate(chunk):
+                    results[i] = pixels[j]
+        return [results[i] for i in range(len(slots))]
+
+    # ------------------------------------------------------------------ warm-up
+    def warmup(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int]) -> float:
+        """Run every (size, batch size) shape once so compilation happens before traffic. Returns seconds."""
+        started = time.monotonic()
+        for width, height in sizes:
+            for batch in batch_sizes:
+                request = GenerationRequest(
+                    request_id="warmup", prompt="warm-up", negative_prompt="", width=width, height=height,
+                    steps=2, guidance_scale=0.0, seed=0, num_images=batch, output_format=ImageFormat.PNG, quality=90,
+                    preview=None,
+                )
+                (slots,) = self.start([request])
+                while not slots[0].done:
+                    self.step(slots)
+                self.decode(slots)
+        # Time one steady-state step at the first size: the scheduler's first service-time estimate.
+        width, height = sizes[0]
+        request = dataclasses.replace(request, width=width, height=height, num_images=1)
+        (slots,) = self.start([request])
+        step_started = time.monotonic()
+        self.step(slots)
+        self.last_step_s = time.monotonic() - step_started
+        self.forward_count = 0
+        return time.monotonic() - started
+
+    def calibrate_mixing(self, sizes: Sequence[tuple[int, int]], repeats: int = 2) -> dict[frozenset[int], bool]:
+        """Measure, for each pair of sizes with different token counts, whether one padded forward of both
+        beats two forwards apart. Returns {frozenset(tokens): mix?} for the step scheduler."""
+        table: dict[frozenset[int], bool] = {}
+        requests = {}
+        for width, height in sizes:
+            requests[(width, height)] = GenerationRequest(
+                request_id="calibrate", prompt="calibration", negative_prompt="", width=width, height=height,
+                steps=2 * repeats + 2, guidance_scale=0.0, seed=0, num_images=1, output_format=ImageFormat.PNG, quality=90,
+                preview=None,
+            )
+        keys = list(requests)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                tokens = frozenset({(a[0] // 16) * (a[1] // 16), (b[0] // 16) * (b[1] // 16)})
+                if len(tokens) == 1 or tokens in table:
+                    continue
+                (sa,) = self.start([requests[a]])
+                (sb,) = self.start([requests[b]])
+                self.step(sa + sb)  # warm the mixed shape (compiles it when compiled)
+                mixed = apart = float("inf")
+                for _ in range(repeats):
+                    t0 = time.monotonic()
+                    self.step(sa + sb)
+                    mixed = min(mixed, time.monotonic() - t0)
+                    t0 = time.monotonic()
+                    self.step(sa)
+                    self.step(sb)
+                    apart = min(apart, time.monotonic() - t0)
+                table[tokens] = mixed < apart
+                log.info("mixing %s: one padded forward %.1f ms vs apart %.1f ms -> %s",
+                         sorted(tokens), mixed * 1000, apart * 1000, "mix" if mixed < apart else "interleave")
+        self.forward_count = 0
+        return table
+
+    def memory_stats(self) -> dict[str, int]:
+        """Accelerator memory in bytes (empty on CPU)."""
+        if self.device.type != "cuda":
+            return {}
+        return {
+            "allocated": torch.cuda.memory_allocated(self.device),
+            "reserved": torch.cuda.memory_reserved(self.device),
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when available, else cpu; anything else is validated."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on CUDA, float32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"--dtype must be one of auto, {', '.join(table)} (got {name!r})")
+    return table[name]
+
+
+def round_up(value: int, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+def pipeline_kwargs(request: GenerationRequest) -> dict[str, Any]:
+    """Arguments under which ZImagePipeline.__call__ reproduces image 0 of ``request`` (for tests and benches)."""
+    return dict(
+        prompt=[request.prompt],
+        negative_prompt=[request.negative_prompt] if request.guidance_scale > 0 else None,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator(device="cpu").manual_seed(request.seed),
+        output_type="np",
+    )

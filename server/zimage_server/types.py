@@ -1,0 +1,186 @@
+"""Domain types shared by the transport, the scheduler and the engine.
+
+The immutable request (what the client asked) is kept apart from the mutable
+state the scheduler tracks while it runs. Nothing here imports grpc or torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class ImageFormat(enum.Enum):
+    """Encoding of an output or preview image."""
+
+    PNG = "png"
+    JPEG = "jpeg"
+    WEBP = "webp"
+
+    @property
+    def mime_type(self) -> str:
+        return f"image/{self.value}"
+
+
+class RequestStatus(enum.IntEnum):
+    """Lifecycle of a request; the order is the order of the lifecycle."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_OK = 2
+    FINISHED_CANCELLED = 3
+    FINISHED_EXPIRED = 4
+    FINISHED_FAILED = 5
+    FINISHED_REJECTED = 6
+
+    @property
+    def finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_OK
+
+
+@dataclasses.dataclass(frozen=True)
+class PreviewSpec:
+    """Previews asked by a request: every N steps, at most max_side_px on the longest side."""
+
+    every_n_steps: int
+    max_side_px: int
+    format: ImageFormat
+    quality: int
+
+    def wants(self, step: int) -> bool:
+        """Whether a preview is due after ``step`` steps completed (1-based)."""
+        return self.every_n_steps > 0 and step % self.every_n_steps == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraRef:
+    """One adapter named by a request."""
+
+    name: str
+    scale: float
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchKey:
+    """What must be equal for requests to share one transformer forward.
+
+    ``steps`` is None in step-level batching, where each request keeps its own
+    schedule and step index.
+    """
+
+    width: int
+    height: int
+    guidance: bool
+    loras: tuple[LoraRef, ...]
+    steps: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens of one sample (2x2 patches of the 1/8 latent)."""
+        return (self.width // 16) * (self.height // 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """A validated generation request, with all defaults resolved."""
+
+    request_id: str
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seed: int
+    num_images: int
+    output_format: ImageFormat
+    quality: int
+    preview: PreviewSpec | None
+    priority: int = 0
+    timeout_s: float | None = None
+    loras: tuple[LoraRef, ...] = ()
+    rpc: str = "Generate"
+
+    def key(self, with_steps: bool = True) -> BatchKey:
+        return BatchKey(
+            width=self.width,
+            height=self.height,
+            guidance=self.guidance_scale > 0,
+            loras=self.loras,
+            steps=self.steps if with_steps else None,
+        )
+
+    def image_seeds(self) -> list[int]:
+        """Seed of each image: image i is reproduced alone with seed + i."""
+        return [(self.seed + i) % (1 << 64) for i in range(self.num_images)]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedImage:
+    """An encoded image ready to send."""
+
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+    seed: int
+    index: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """Where a request's time went, in seconds."""
+
+    queue_s: float
+    inference_s: float
+    total_s: float
+    text_encode_s: float
+    decode_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """A finished request."""
+
+    request_id: str
+    images: tuple[EncodedImage, ...]
+    timings: Timings
+    batch_size: int
+    steps: int
+
+
+# Events a request's channel carries, in order: Queued*, Started, StepDone*, Completed.
+
+
+@dataclasses.dataclass(frozen=True)
+class Queued:
+    position: int
+    depth: int
+    elapsed_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+    batch_size: int
+    queue_s: float
+    elapsed_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDone:
+    step: int
+    total_steps: int
+    elapsed_s: float
+    """Seconds since the request started running."""
+    batch_size: int
+    previews: tuple[EncodedImage, ...]
+    since_arrival_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Completed:
+    result: GenerationResult
+    elapsed_s: float
+
+
+Event = Queued | Started | StepDone | Completed
