@@ -73,6 +73,8 @@ class ZImageServer:
             ("grpc.keepalive_timeout_ms", int(cfg.keepalive_timeout_s * 1000)),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(cfg.max_connection_age_grace_s * 1000)),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_ImageGenerationServiceServicer_to_server(self.service, server)

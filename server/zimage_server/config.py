@@ -105,6 +105,9 @@ class ServerConfig:
     max_send_message_bytes: int = 256 * 1024 * 1024
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0
+    # Connections are recycled so client-side round-robin discovers new replicas (see docs/deploy.md).
+    max_connection_age_s: float = 300.0
+    max_connection_age_grace_s: float = 60.0
     log_format: str = "text"
     log_level: str = "INFO"
     log_prompts: bool = False

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -18,6 +20,10 @@ from ..errors import (
     ShuttingDown,
     ZImageError,
 )
+
+
+class _RichStatus(collections.namedtuple("_RichStatus", ("code", "details", "trailing_metadata")), grpc.Status):
+    """A grpc.Status carrying the rich details plus plain-text advice in the trailers."""
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, grpc.Status]:
@@ -59,7 +65,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, grpc.Status]:
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
     for detail in details:
         status.details.add().Pack(detail)
-    return code, rpc_status.to_status(status)
+    rich = rpc_status.to_status(status)
+    return code, _RichStatus(rich.code, rich.details, tuple(rich.trailing_metadata) + trailing_metadata_for(exc))
 
 
 def trailing_metadata_for(exc: BaseException) -> tuple[tuple[str, str], ...]:

@@ -16,7 +16,7 @@ from ..metrics import Metrics
 from ..scheduler import Scheduler
 from ..types import Completed, GenerationRequest
 from .codec import Limits, decode_request, encode_event, encode_result
-from .errors import status_for, trailing_metadata_for
+from .errors import status_for
 
 log = logging.getLogger("zimage.requests")
 
@@ -67,6 +67,25 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
                     raise NotFound(f"loras[{i}].name", ref.name, "LoRA adapter")
         return request
 
+    def submit(self, msg: pb.GenerateRequest, rpc: str, deadline: float | None = None):
+        """Validate and queue a request for another front end (the HTTP bridge) exactly as gRPC does.
+
+        Returns (GenerationRequest, RequestHandle); raises domain errors (map them with
+        transport.errors.status_for). ``deadline`` is on the monotonic clock.
+        """
+        domain = self._decode(msg, rpc)
+        return domain, self._ready_scheduler().submit(domain, deadline)
+
+    def record(self, rpc: str, code: grpc.StatusCode, started: float, exc: BaseException | None = None) -> None:
+        """Count a finished call made through ``submit`` in the same metrics as gRPC calls."""
+        if exc is not None:
+            if isinstance(exc, InvalidRequest):
+                self._metrics.rejected.labels(reason="invalid_argument").inc()
+            elif isinstance(exc, QueueFull):
+                self._metrics.rejected.labels(reason="queue_full").inc()
+        self._count(rpc, code)
+        self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
+
     def _client_deadline(self, context: grpc.aio.ServicerContext) -> float | None:
         remaining = context.time_remaining()
         return None if remaining is None else self._clock() + remaining
@@ -81,9 +100,6 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
             self._metrics.rejected.labels(reason="shutting_down" if isinstance(exc, ShuttingDown) else "not_ready").inc()
         elif isinstance(exc, NotFound):
             self._metrics.rejected.labels(reason="not_found").inc()
-        metadata = trailing_metadata_for(exc)
-        if metadata:
-            context.set_trailing_metadata(metadata)
         self._count(rpc, code)
         await context.abort_with_status(status)
 

@@ -1,0 +1,408 @@
+"""The HTTP side of the server: JSON and Server-Sent Events over the same scheduler as gRPC.
+
+Why aiohttp: it is an asyncio-native server, so the bridge runs on the event loop
+that already runs ``grpc.aio`` and the scheduler (no extra thread, no second loop,
+no locks between them); ``StreamResponse`` streams a response chunk by chunk, which
+is what SSE needs; and with ``handler_cancellation`` it cancels a handler as soon as
+its client disconnects, which is how a closed browser tab frees its scheduler slot.
+Starlette/uvicorn would bring a second server loop to manage, and the standard
+library's http.server is thread-per-request.
+
+Routes (all JSON bodies use the proto3 JSON mapping; camelCase and snake_case are accepted):
+
+- ``POST /v1/generate``  a GenerateRequest -> the GenerateResponse (images base64), like Generate.
+- ``GET|POST /v1/stream`` -> ``text/event-stream``: one event per ProgressEvent of
+  StreamProgress, named ``queued``, ``started``, ``step``, ``completed``, with the
+  proto3 JSON of the ProgressEvent as ``data``; a failure after the stream began is
+  an ``error`` event. GET takes the request fields as query parameters (dotted for
+  nested fields: ``preview.everyNSteps=1``) so that ``EventSource`` can be used.
+- ``GET /v1/model``  GetModelInfoResponse.
+- ``GET /healthz``   200 once the model serves, 503 before and while draining.
+- ``GET /``          the demo page (static/index.html).
+
+Errors before a stream begins are HTTP statuses with the body
+``{"code": "INVALID_ARGUMENT", "message": ..., "field_violations": [{"field", "description"}]}``;
+the gRPC status comes from transport.errors.status_for, the one place that maps domain errors.
+Requests go through ImageGenerationService.submit (validation, limits, LoRA checks) and
+are counted by ImageGenerationService.record under the rpc names ``HttpGenerate`` and
+``HttpStream``, so they share zimage_requests_total and the latency histogram with gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import math
+import pathlib
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc  # status code names only
+from aiohttp import web
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.rpc import error_details_pb2, status_pb2
+from zimage.v1 import zimage_pb2 as pb
+
+from ..errors import FieldViolation, InvalidRequest, NotReady, ZImageError
+from ..transport.codec import encode_event, encode_result
+from ..transport.errors import status_for
+from ..transport.interceptors import load_token
+from ..types import Completed
+
+log = logging.getLogger("zimage.requests")
+
+STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
+
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "NOT_FOUND": 404,
+    "RESOURCE_EXHAUSTED": 429,
+    "CANCELLED": 499,  # nginx's "client closed request"; only logged, nobody is left to read it
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+
+# The decode contract each HTTP route mirrors: previews are honoured only for the streaming RPC.
+# The metrics label is the HTTP rpc name (HttpGenerate / HttpStream), passed to record().
+_DECODE_AS = {"HttpGenerate": "Generate", "HttpStream": "StreamProgress"}
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+}
+
+# The page is self-contained; the policy makes "no CDN, works offline" a checked property.
+PAGE_CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
+            "script-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'")
+
+
+@dataclasses.dataclass(frozen=True)
+class HttpError:
+    """An error as the bridge sends it: HTTP status, JSON body, and retry advice."""
+
+    code: str
+    message: str
+    field_violations: tuple[FieldViolation, ...] = ()
+    retry_after_s: float | None = None
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_STATUS.get(self.code, 500)
+
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.field_violations:
+            body["field_violations"] = [{"field": v.field, "description": v.description}
+                                        for v in self.field_violations]
+        if self.retry_after_s is not None:
+            body["retry_after_s"] = self.retry_after_s
+        return body
+
+    def response(self) -> web.Response:
+        headers = {}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        if self.code == "UNAUTHENTICATED":
+            headers["WWW-Authenticate"] = "Bearer"
+        return web.json_response(self.body(), status=self.http_status, headers=headers)
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> HttpError:
+        """Read code, message and details from the rich gRPC status the transport builds for ``exc``."""
+        code, status = status_for(exc)
+        violations: list[FieldViolation] = []
+        retry_after_s = None
+        for key, value in status.trailing_metadata or ():
+            if key != "grpc-status-details-bin":
+                continue
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    info = error_details_pb2.RetryInfo()
+                    detail.Unpack(info)
+                    retry_after_s = info.retry_delay.ToMilliseconds() / 1000.0
+        return cls(code.name, status.details, tuple(violations), retry_after_s)
+
+
+# ---------------------------------------------------------------------- request parsing
+_UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
+_FAILED_FIELD = re.compile(r"Failed to parse (\w+) field: ")
+_AT_PATH = re.compile(r'at "?GenerateRequest\.([\w.\[\]]+?)"?\.?$', re.M)
+
+
+def _proto_path(json_path: list[str], descriptor: Descriptor = pb.GenerateRequest.DESCRIPTOR) -> str:
+    """["preview", "everyNSteps"] -> "preview.every_n_steps", the names validation errors use."""
+    names = []
+    for segment in json_path:
+        base, _, index = segment.partition("[")
+        field = None
+        if descriptor is not None:
+            field = descriptor.fields_by_name.get(base) or next(
+                (f for f in descriptor.fields if f.json_name == base), None)
+        names.append((field.name if field else base) + (f"[{index}" if index else ""))
+        descriptor = field.message_type if field is not None else None
+    return ".".join(names)
+
+
+def _parse_error_violation(error: json_format.ParseError) -> FieldViolation:
+    """Name the field a proto3 JSON parse error is about, as a request validation error would."""
+    text = str(error).split("\n", 1)[0]
+    path = _FAILED_FIELD.findall(text)
+    unknown = _UNKNOWN_FIELD.search(text)
+    if unknown:
+        return FieldViolation(_proto_path(path + [unknown.group(1)]), "unknown field")
+    at = _AT_PATH.search(text)
+    if at:
+        path = at.group(1).split(".")
+    description = _FAILED_FIELD.sub("", text).rstrip(".").split(" at GenerateRequest")[0].strip()
+    return FieldViolation(_proto_path(path) if path else "body", description or "could not be parsed")
+
+
+def parse_body(body: Any) -> pb.GenerateRequest:
+    """A decoded JSON body -> GenerateRequest; raise InvalidRequest naming the offending field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest([FieldViolation("body", "must be a JSON object (a GenerateRequest)")])
+    try:
+        return json_format.ParseDict(body, pb.GenerateRequest())
+    except json_format.ParseError as exc:
+        raise InvalidRequest([_parse_error_violation(exc)]) from None
+
+
+def query_to_body(query: Any) -> dict[str, Any]:
+    """Query parameters -> a proto3 JSON object: dotted keys nest, message and repeated fields are JSON."""
+    body: dict[str, Any] = {}
+    for key, value in query.items():
+        parts = key.split(".")
+        target, descriptor = body, pb.GenerateRequest.DESCRIPTOR
+        field: FieldDescriptor | None = None
+        for depth, part in enumerate(parts):
+            field = None
+            if descriptor is not None:
+                field = descriptor.fields_by_name.get(part) or next(
+                    (f for f in descriptor.fields if f.json_name == part), None)
+            if depth < len(parts) - 1:
+                target = target.setdefault(part, {})
+                if not isinstance(target, dict):
+                    raise InvalidRequest([FieldViolation(key, "conflicts with another query parameter")])
+                descriptor = field.message_type if field is not None else None
+        if field is not None and (field.type == FieldDescriptor.TYPE_MESSAGE or _is_repeated(field)):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InvalidRequest([FieldViolation(_proto_path(parts), "must be JSON in a query parameter")]) from None
+        target[parts[-1]] = value
+    return body
+
+
+def _is_repeated(field: FieldDescriptor) -> bool:
+    # FieldDescriptor.label is deprecated in recent protobuf releases; is_repeated replaces it.
+    repeated = getattr(field, "is_repeated", None)
+    return repeated if repeated is not None else field.label == FieldDescriptor.LABEL_REPEATED
+
+
+def progress_event(request_id: str, event: Any) -> pb.ProgressEvent:
+    """A scheduler event -> the ProgressEvent StreamProgress sends for it."""
+    if isinstance(event, Completed):
+        return pb.ProgressEvent(request_id=request_id, elapsed_seconds=event.elapsed_s,
+                                completed=encode_result(event.result))
+    return encode_event(request_id, event)
+
+
+def to_json(message) -> dict[str, Any]:
+    # Print zero-valued scalars too (queuePosition 0 is news to a page), keep proto3 JSON names.
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
+class SseStream:
+    """One text/event-stream response; writes are serialised so a heartbeat never splits an event."""
+
+    def __init__(self, response: web.StreamResponse):
+        self._response = response
+        self._lock = asyncio.Lock()
+
+    async def send(self, event: str, data: dict[str, Any], event_id: str | None = None) -> None:
+        lines = [f"event: {event}"]
+        if event_id is not None:
+            lines.append(f"id: {event_id}")
+        # json.dumps escapes newlines, so one data line holds the whole payload.
+        lines.append("data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False))
+        await self._write("\n".join(lines) + "\n\n")
+
+    async def comment(self, text: str) -> None:
+        await self._write(f": {text}\n\n")
+
+    async def _write(self, text: str) -> None:
+        async with self._lock:
+            await self._response.write(text.encode())
+
+
+# ---------------------------------------------------------------------- the application
+class Bridge:
+    """Request handlers over a ZImageServer's service and scheduler."""
+
+    def __init__(self, server: Any, *, heartbeat_s: float = 15.0, clock: Callable[[], float] = time.monotonic):
+        self._server = server
+        self._service = server.service
+        self._heartbeat_s = heartbeat_s
+        self._clock = clock
+        cfg = server.config
+        self._token = load_token(cfg.auth_token_file) if cfg.auth_token_file else None
+        self._page = (STATIC_DIR / "index.html").read_bytes()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self.index)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/v1/model", self.model)
+        app.router.add_post("/v1/generate", self.generate)
+        app.router.add_get("/v1/stream", self.stream)
+        app.router.add_post("/v1/stream", self.stream)
+        return app
+
+    # ------------------------------------------------------------------ helpers
+    def _authorized(self, request: web.Request) -> bool:
+        if self._token is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        supplied = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        return hmac.compare_digest(supplied, self._token)
+
+    def _deny(self, rpc: str, started: float) -> web.Response:
+        self._server.metrics.rejected.labels(reason="unauthenticated").inc()
+        self._service.record(rpc, grpc.StatusCode.UNAUTHENTICATED, started)
+        return HttpError("UNAUTHENTICATED", "missing or invalid bearer token").response()
+
+    def _fail(self, rpc: str, started: float, exc: BaseException, request_id: str = "") -> web.Response:
+        error = HttpError.from_exception(exc)
+        self._service.record(rpc, grpc.StatusCode[error.code], started, exc)
+        self._log(rpc, error.code, started, request_id, exc)
+        return error.response()
+
+    def _log(self, rpc: str, code: str, started: float, request_id: str = "", exc: BaseException | None = None) -> None:
+        record: dict[str, object] = {"event": "request", "rpc": rpc, "code": code,
+                                     "duration_s": round(self._clock() - started, 4)}
+        if request_id:
+            record["request_id"] = request_id
+        if exc is not None:
+            record["error"] = str(exc) if isinstance(exc, ZImageError) else type(exc).__name__
+        log.info("request finished", extra={"fields": record})
+
+    @staticmethod
+    async def _read(request: web.Request) -> pb.GenerateRequest:
+        if request.method == "GET":
+            return parse_body(query_to_body(request.query))
+        raw = await request.read()
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError as exc:
+            raise InvalidRequest([FieldViolation("body", f"is not valid JSON ({exc})")]) from None
+        return parse_body(body)
+
+    # ------------------------------------------------------------------ routes
+    async def index(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8",
+                            headers={"Cache-Control": "no-cache", "Content-Security-Policy": PAGE_CSP})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        scheduler = self._server.scheduler
+        serving = self._server.ready.is_set() and scheduler is not None and scheduler.accepting
+        return web.json_response({"status": "SERVING" if serving else "NOT_SERVING"}, status=200 if serving else 503)
+
+    async def model(self, request: web.Request) -> web.Response:
+        rpc, started = "HttpGetModelInfo", self._clock()
+        if not self._authorized(request):
+            return self._deny(rpc, started)
+        if not self._server.ready.is_set():
+            return self._fail(rpc, started, NotReady())
+        self._service.record(rpc, grpc.StatusCode.OK, started)
+        return web.json_response(to_json(self._server.model_info()))
+
+    async def generate(self, request: web.Request) -> web.Response:
+        """POST /v1/generate: parity with Generate; a client that disconnects cancels its request."""
+        rpc, started = "HttpGenerate", self._clock()
+        if not self._authorized(request):
+            return self._deny(rpc, started)
+        handle = None
+        request_id = ""
+        try:
+            msg = await self._read(request)
+            domain, handle = self._service.submit(msg, _DECODE_AS[rpc])
+            request_id = domain.request_id
+            result = await handle.result()
+        except ZImageError as exc:
+            return self._fail(rpc, started, exc, request_id)
+        except asyncio.CancelledError:
+            # aiohttp cancels the handler when the client disconnects: free the slot.
+            if handle is not None:
+                handle.cancel()
+            self._service.record(rpc, grpc.StatusCode.CANCELLED, started)
+            self._log(rpc, "CANCELLED", started, request_id)
+            raise
+        self._service.record(rpc, grpc.StatusCode.OK, started)
+        self._log(rpc, "OK", started, request_id)
+        return web.json_response(to_json(encode_result(result)))
+
+    async def stream(self, request: web.Request) -> web.StreamResponse:
+        """GET|POST /v1/stream: StreamProgress as Server-Sent Events, one event per ProgressEvent."""
+        rpc, started = "HttpStream", self._clock()
+        if "Last-Event-ID" in request.headers:
+            # EventSource reconnects on its own after a stream ends; a generation cannot be resumed, and
+            # a silent re-run would be a second generation. 204 tells EventSource to stop reconnecting.
+            return web.Response(status=204)
+        if not self._authorized(request):
+            return self._deny(rpc, started)
+        try:
+            msg = await self._read(request)
+            domain, handle = self._service.submit(msg, _DECODE_AS[rpc])
+        except ZImageError as exc:
+            return self._fail(rpc, started, exc)
+
+        response = web.StreamResponse(headers=SSE_HEADERS)
+        code, failure = "CANCELLED", None  # unless the stream reaches its end
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            await response.prepare(request)
+            sse = SseStream(response)
+            heartbeat = asyncio.create_task(self._heartbeat(sse))
+            try:
+                n = 0
+                async for event in handle.events():
+                    message = progress_event(domain.request_id, event)
+                    await sse.send(message.WhichOneof("event"), to_json(message), f"{domain.request_id}:{n}")
+                    n += 1
+                code = "OK"
+            except ZImageError as exc:
+                error = HttpError.from_exception(exc)
+                code, failure = error.code, exc
+                await sse.send("error", error.body())
+        except ConnectionResetError:
+            pass  # the client went away between events; the finally clause frees the slot
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+            # A no-op once the request has finished; otherwise it leaves the queue or its batch.
+            handle.cancel()
+            self._service.record(rpc, grpc.StatusCode[code], started, failure)
+            self._log(rpc, code, started, domain.request_id, failure)
+        return response
+
+    async def _heartbeat(self, sse: SseStream) -> None:
+        """A comment line every heartbeat_s keeps idle proxies from closing a stream that waits in the queue."""
+        try:
+            while True:
+                await asyncio.sleep(self._heartbeat_s)
+                await sse.comment("keep-alive")
+        except ConnectionResetError:
+            return  # the handler sees the disconnect too (it is cancelled)

@@ -1,0 +1,59 @@
+"""Shared fixtures: one tiny engine per session, real grpc.aio servers on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import sys
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_engine():
+    """The tiny preset, loaded once (0.3 s) and shared: tests must not leave fault hooks behind."""
+    from zimage_server.config import EngineConfig
+    from zimage_server.engine.engine import ZImageEngine
+
+    engine = ZImageEngine.load(EngineConfig(model="tiny"))
+    yield engine
+    engine.fault_hook = None
+
+
+@pytest.fixture
+async def make_server(tiny_engine):
+    """Start ZImageServer instances on loopback with the shared tiny engine; stopped at teardown."""
+    from zimage_server.app import ZImageServer
+    from zimage_server.config import SchedulerConfig, ServerConfig
+
+    servers = []
+
+    async def factory(*, engine=None, metrics=False, **overrides):
+        scheduler_fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
+        sched = {k: v for k, v in overrides.items() if k in scheduler_fields}
+        server_kw = {k: v for k, v in overrides.items() if k not in scheduler_fields}
+        config = ServerConfig(
+            scheduler=SchedulerConfig(**sched), host="127.0.0.1", port=0,
+            metrics_host="127.0.0.1", metrics_port=free_port() if metrics else 0, **server_kw,
+        )
+        server = ZImageServer(config, engine=engine if engine is not None else tiny_engine)
+        await server.start()
+        servers.append(server)
+        return server
+
+    yield factory
+    for server in servers:
+        await server.stop(0)
+    tiny_engine.fault_hook = None
