@@ -1,119 +1,241 @@
 """Acceleration options: quantization, torch.compile, attention backend, offload.
 
-Combinations that cannot work fail at start-up with a message that says what to
-do instead (config.ConfigError), never silently.
+Everything here runs once, at load time. Combinations that cannot work fail in
+``check_combination`` with a ConfigError that says what to do instead, before any
+weights are built; nothing falls back silently.
+
+Order in ``apply``: attention backend, quantization, offload, compile (compile last,
+so it traces the quantized modules and the chosen attention kernel).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import pathlib
+import shutil
+import tempfile
 import time
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import ZImagePipeline
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..config import ConfigError, EngineConfig
 
+if TYPE_CHECKING:
+    from diffusers import ZImagePipeline
+
 log = logging.getLogger(__name__)
 
-ATTENTION_BACKENDS_WITH_MASK = ("native", "_native_math", "_native_efficient", "flex")
+# Z-Image pads every sequence in a forward to the longest and passes a key mask whenever
+# lengths differ: prompts of different lengths, a classifier-free-guidance negative prompt
+# beside its positive one (so even a batch of one), mixed resolutions in step batching.
+# Every batching mode of this engine therefore produces masked forwards, and a backend
+# that rejects masks would fail on the first such batch; it is refused at start-up.
+# (Checked against diffusers 0.42's dispatch table: these raise on attn_mask.)
+ATTENTION_BACKENDS_WITHOUT_MASK = frozenset({
+    "flash", "flash_hub", "flash_4_hub", "_flash_3", "_flash_3_hub", "aiter_fa2_hub", "_native_flash",
+    "_native_xla", "sage", "sage_hub", "sage_blackwell_hub", "_sage_qk_int8_pv_fp8_cuda",
+    "_sage_qk_int8_pv_fp8_cuda_sm90", "_sage_qk_int8_pv_fp16_cuda", "_sage_qk_int8_pv_fp16_triton",
+})
+# The masked alternative to suggest for each family.
+_MASKED_ALTERNATIVE = {"flash": "flash_varlen", "_flash_3": "_flash_varlen_3", "sage": "sage_varlen"}
+ATTENTION_BACKENDS_ON_CPU = frozenset({"native", "_native_math"})
+
+TORCHAO_FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: float8 tensor cores
 
 
+@dataclasses.dataclass(frozen=True)
+class AccelReport:
+    """What ``apply`` did and how long it took (seconds)."""
+
+    quantize_s: float = 0.0
+    quant_cache_hit: bool = False
+    compile_s: float = 0.0
+
+
+# --------------------------------------------------------------------------- validation
 def check_combination(config: EngineConfig, device: torch.device) -> None:
     """Reject combinations that cannot work on this machine, before anything is loaded."""
-    config.validate()
-    if config.quantize == "none":
-        pass
-    elif config.quant_backend == "torchao":
-        try:
-            import torchao  # noqa: F401
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ConfigError("--quant-backend torchao needs the torchao package: pip install torchao") from exc
-        if config.quantize == "fp8":
-            if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 9):
-                raise ConfigError(
-                    "--quantize fp8 with torchao needs a CUDA GPU with compute capability >= 8.9 (Ada/Hopper); "
-                    "use --quantize int8 on this device"
-                )
-        if config.quantize == "int4" and device.type != "cuda":
-            raise ConfigError(
-                "--quantize int4 with torchao needs a CUDA GPU (its int4 kernels are CUDA-only); "
-                "use --quant-backend quanto for int4 on the CPU, or --quantize int8"
-            )
-    else:
-        try:
-            import optimum.quanto  # noqa: F401
-        except ImportError as exc:  # pragma: no cover
-            raise ConfigError("--quant-backend quanto needs optimum-quanto: pip install optimum-quanto") from exc
+    config.validate()  # also refuses quanto + compile (quanto's tensors do not trace)
+    if config.quantize != "none":
+        if config.quant_backend == "torchao":
+            _check_torchao(config.quantize, device)
+        else:
+            _require("optimum.quanto", "--quant-backend quanto needs optimum-quanto: pip install optimum-quanto")
     if config.offload and device.type != "cuda":
-        raise ConfigError("--offload moves models between the CPU and a GPU; it needs --device cuda")
+        raise ConfigError("--offload moves components between the CPU and a GPU; it needs a CUDA device "
+                          "(--device cuda); drop --offload on the CPU")
     if config.offload and config.compile:
-        raise ConfigError("--offload and --compile do not combine (offload hooks break compiled graphs); pick one")
+        raise ConfigError("--offload and --compile do not combine (the offload hooks move weights under the "
+                          "compiled graphs); pick one")
+    if config.compile_vae and not config.compile:
+        raise ConfigError("--compile-vae compiles the VAE decoder in addition to the transformer; add --compile")
+    _check_attention(config.attention, device)
+
+
+def _require(module: str, message: str) -> None:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ConfigError(message) from exc
+
+
+def _check_torchao(kind: str, device: torch.device) -> None:
+    _require("torchao", "--quant-backend torchao needs the torchao package: pip install torchao")
+    if kind == "fp8":
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        if capability is None or capability < TORCHAO_FP8_MIN_CAPABILITY:
+            found = f"compute capability {capability[0]}.{capability[1]}" if capability else "a CPU"
+            raise ConfigError(
+                "--quantize fp8 with --quant-backend torchao needs a CUDA GPU with compute capability >= 8.9 "
+                f"(Ada, Hopper), found {found}; use --quantize int8, or --quant-backend quanto for fp8 storage"
+            )
+    if kind == "int4" and device.type != "cuda":
+        raise ConfigError(
+            "--quantize int4 with --quant-backend torchao needs a CUDA GPU (its int4 kernels are CUDA-only); "
+            "use --quant-backend quanto for int4 on the CPU, or --quantize int8"
+        )
+
+
+def _check_attention(name: str, device: torch.device) -> None:
     from diffusers.models.attention_dispatch import AttentionBackendName
 
-    names = {b.value for b in AttentionBackendName}
-    if config.attention not in names:
-        raise ConfigError(f"--attention {config.attention!r} is unknown; choose one of: {', '.join(sorted(names))}")
+    names = sorted(b.value for b in AttentionBackendName)
+    if name not in names:
+        raise ConfigError(f"--attention {name!r} is unknown; choose one of: {', '.join(names)}")
+    if name in ATTENTION_BACKENDS_WITHOUT_MASK:
+        instead = next((alt for prefix, alt in _MASKED_ALTERNATIVE.items() if name.startswith(prefix)), "native")
+        raise ConfigError(
+            f"--attention {name} does not take attention masks, but this engine batches sequences of different "
+            "lengths (different prompts, the guidance negative prompt, mixed resolutions) in one masked forward; "
+            f"use --attention {instead} (or native)"
+        )
+    if device.type != "cuda" and name not in ATTENTION_BACKENDS_ON_CPU:
+        raise ConfigError(f"--attention {name} needs a CUDA device; on the CPU use native or _native_math")
+    if name != "native":
+        from diffusers.models.attention_dispatch import _check_attention_backend_requirements
+
+        try:
+            _check_attention_backend_requirements(AttentionBackendName(name))
+        except (RuntimeError, ImportError) as exc:
+            raise ConfigError(f"--attention {name}: {exc}") from exc
 
 
-def apply(pipe: ZImagePipeline, config: EngineConfig, device: torch.device) -> None:
-    """Quantize, set the attention backend, offload and compile, in that order."""
+# --------------------------------------------------------------------------- apply
+def apply(pipe: ZImagePipeline, config: EngineConfig, device: torch.device) -> AccelReport:
+    """Set the attention backend, quantize, offload and compile, in that order."""
     if config.attention != "native":
         pipe.transformer.set_attention_backend(config.attention)
+    quantize_s, cache_hit = 0.0, False
     if config.quantize != "none":
         started = time.monotonic()
-        _quantize(pipe.transformer, config, "transformer")
+        cache_hit = quantize_module(pipe.transformer, config, "transformer")
         if config.quantize_text_encoder:
-            _quantize(pipe.text_encoder, config, "text_encoder")
-        log.info("quantized (%s %s) in %.1f s", config.quant_backend, config.quantize, time.monotonic() - started)
+            cache_hit = quantize_module(pipe.text_encoder, config, "text_encoder") and cache_hit
+        quantize_s = time.monotonic() - started
+        log.info("quantized (%s %s%s) in %.1f s", config.quant_backend, config.quantize,
+                 ", from cache" if cache_hit else "", quantize_s)
     if config.offload:
         pipe.enable_model_cpu_offload(device=device)
+    compile_s = 0.0
     if config.compile:
+        started = time.monotonic()
         compile_models(pipe, config)
+        compile_s = time.monotonic() - started
+        log.info("compiled and pre-warmed in %.1f s", compile_s)
+    return AccelReport(quantize_s=quantize_s, quant_cache_hit=cache_hit, compile_s=compile_s)
 
 
+# --------------------------------------------------------------------------- compile
 def compile_models(pipe: ZImagePipeline, config: EngineConfig) -> None:
-    """Regional compilation of the transformer's repeated blocks (and optionally the VAE decoder).
+    """Regional compilation of the transformer's repeated blocks (and optionally the VAE decoder),
+    then one forward of each graph variant the server can meet, so none compiles under traffic.
 
-    Compiling the repeated ``ZImageTransformerBlock`` compiles one block graph reused by all
-    layers: far faster to compile than the whole model and, measured on CPU, faster to run.
+    Compiling the repeated ``ZImageTransformerBlock`` compiles one block graph reused by every
+    layer: far faster to compile than the whole model and, measured on CPU, as fast to run.
     """
     transformer = pipe.transformer
-    # The RoPE embedder builds its frequency cache lazily under a device context that breaks
-    # the graph on the first compiled call; build it eagerly first.
-    rope = getattr(transformer, "rope_embedder", None)
-    if rope is not None and getattr(rope, "freqs_cis", None) is None and hasattr(rope, "precompute_freqs_cis"):
-        rope.freqs_cis = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
+    # Build the RoPE table now: built lazily inside the first forward, under a device context
+    # that breaks a whole-model graph. (The blocks alone do not contain it; this keeps
+    # compile_repeated_blocks and a whole-model compile on the same footing.)
+    rope = transformer.rope_embedder
+    if rope.freqs_cis is None:
+        freqs = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
+        rope.freqs_cis = [f.to(transformer.device) for f in freqs]
     transformer.compile_repeated_blocks(fullgraph=True)
+    prewarm_transformer(transformer)
     if config.compile_vae:
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
+        prewarm_decoder(pipe.vae)
+
+
+@torch.no_grad()  # the engine runs under no_grad, and grad mode is part of dynamo's guards
+def prewarm_transformer(transformer: torch.nn.Module) -> None:
+    """Trace every graph variant of the compiled blocks with small random inputs.
+
+    The blocks see ``[batch, tokens, dim]`` plus an optional key mask. Dynamo compiles a
+    static graph first, then (on a changed size) one with dynamic sizes; batch 1 stays
+    specialised. So the variants are: batch 1; batch >= 2 with equal lengths (no mask);
+    batch >= 2 with different lengths (mask) in the image, caption and joint blocks. Once
+    these exist no batch size, resolution or prompt length recompiles (tests/test_accel.py).
+    """
+    device, dtype = transformer.device, transformer.dtype
+    channels, cap_dim = transformer.config.in_channels, transformer.config.cap_feat_dim
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def latents(h: int, w: int) -> torch.Tensor:
+        return torch.randn(channels, 1, h, w, generator=gen).to(device, dtype)
+
+    def caption(tokens: int) -> torch.Tensor:
+        return torch.randn(tokens, cap_dim, generator=gen).to(device, dtype)
+
+    # Sizes chosen so no two dynamic sizes coincide (dynamo would tie them to one symbol):
+    # 4x4 and 8x12 latent patches, captions of 1 and 2 padding buckets (32 tokens each).
+    forwards = [
+        ([latents(8, 8)], [caption(20)]),
+        ([latents(8, 8), latents(8, 8)], [caption(20), caption(20)]),
+        ([latents(8, 8), latents(16, 24)], [caption(20), caption(40)]),
+        ([latents(16, 24), latents(8, 8), latents(8, 8)], [caption(40), caption(20), caption(20)]),
+    ]
+    for x, caps in forwards:
+        t = torch.full((len(x),), 0.5, device=device, dtype=torch.float32)
+        transformer(x, t, caps, return_dict=False)
+
+
+@torch.no_grad()
+def prewarm_decoder(vae: torch.nn.Module) -> None:
+    """Trace the compiled decoder at batch 1 and 2 and two non-square sizes, so sizes go dynamic now."""
+    channels = vae.config.latent_channels
+    for h, w in ((8, 12), (12, 8)):
+        for batch in (1, 2):
+            vae.decode(torch.zeros(batch, channels, h, w, device=vae.device, dtype=vae.dtype), return_dict=False)
 
 
 def recompilations() -> int:
-    """Graph recompilations so far in this process (dynamo's own counter)."""
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:  # pragma: no cover
-        return 0
-    return int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0
+    """Graphs dynamo has compiled so far in this process, first compiles and recompiles alike.
 
-
-def compiled_graphs() -> int:
-    """Unique graphs dynamo has compiled in this process."""
+    torch 2.13 keeps no dedicated recompile counter; every compile or recompile of a frame
+    produces a new graph and bumps ``counters["stats"]["unique_graphs"]``. The server
+    reads it after warm-up and reports the growth since then.
+    """
     from torch._dynamo.utils import counters
 
-    return int(counters["stats"].get("unique_graphs", 0))
+    return int(counters["stats"]["unique_graphs"])
 
 
 # --------------------------------------------------------------------------- quantization
-def _quantize(module: torch.nn.Module, config: EngineConfig, name: str) -> None:
+def quantize_module(module: torch.nn.Module, config: EngineConfig, name: str) -> bool:
+    """Weight-only quantization of ``module`` in place; returns True when the quanto cache was used."""
     if config.quant_backend == "quanto":
-        _quantize_quanto(module, config, name)
-    else:
-        _quantize_torchao(module, config.quantize)
+        return _quantize_quanto(module, config, name)
+    _quantize_torchao(module, config.quantize)
+    return False
 
 
 def _quanto_qtype(kind: str):
@@ -122,69 +244,92 @@ def _quanto_qtype(kind: str):
     return {"int8": qint8, "fp8": qfloat8, "int4": qint4}[kind]
 
 
-def _cache_path(module: torch.nn.Module, config: EngineConfig, name: str) -> pathlib.Path | None:
+def quant_cache_path(module: torch.nn.Module, config: EngineConfig, name: str) -> pathlib.Path | None:
+    """Where the quantized weights of ``module`` are cached; None when caching is off.
+
+    The key covers the model, component, format, library versions and a fingerprint of the
+    weights (names, shapes, dtypes and a strided sample of values), so a changed checkpoint
+    under the same path does not pick up stale weights.
+    """
     if not config.quant_cache_dir:
         return None
-    key = hashlib.sha256(f"{config.model}|{name}|{config.quantize}|{sum(p.numel() for p in module.parameters())}".encode())
-    return pathlib.Path(config.quant_cache_dir) / f"{name}-quanto-{config.quantize}-{key.hexdigest()[:12]}"
+    import optimum.quanto
+
+    digest = hashlib.sha256()
+    digest.update(f"{config.model}|{name}|{config.quantize}|{optimum.quanto.__version__}|{torch.__version__}".encode())
+    with torch.no_grad():
+        for pname, param in module.state_dict().items():
+            digest.update(f"{pname}{tuple(param.shape)}{param.dtype}".encode())
+            flat = param.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)].float().cpu().numpy()
+            digest.update(sample.tobytes())
+    return pathlib.Path(config.quant_cache_dir) / f"{name}-quanto-{config.quantize}-{digest.hexdigest()[:16]}"
 
 
-def _quantize_quanto(module: torch.nn.Module, config: EngineConfig, name: str) -> None:
-    """Weight-only quanto quantization; the frozen weights are cached on disk when a cache dir is set."""
+def _quantize_quanto(module: torch.nn.Module, config: EngineConfig, name: str) -> bool:
+    """quantize + freeze; with a cache dir, reload the frozen weights instead when they are there."""
     from optimum.quanto import freeze, quantization_map, quantize, requantize
     from safetensors.torch import load_file, save_file
 
-    path = _cache_path(module, config, name)
+    path = quant_cache_path(module, config, name)
+    device = next(module.parameters()).device
     if path is not None and (path / "model.safetensors").exists():
-        state = load_file(str(path / "model.safetensors"), device=str(next(module.parameters()).device))
+        state = load_file(str(path / "model.safetensors"), device=str(device))
         qmap = json.loads((path / "quantization_map.json").read_text())
-        requantize(module, state, qmap, device=next(module.parameters()).device)
+        requantize(module, state, qmap, device=device)
         log.info("loaded quantized %s from %s", name, path)
-        return
+        return True
     quantize(module, weights=_quanto_qtype(config.quantize))
     freeze(module)
     if path is not None:
-        path.mkdir(parents=True, exist_ok=True)
-        save_file(module.state_dict(), str(path / "model.safetensors"))
-        (path / "quantization_map.json").write_text(json.dumps(quantization_map(module)))
-        log.info("saved quantized %s to %s", name, path)
+        # Write beside the target and rename, so a crash never leaves a half-written cache entry.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+        try:
+            save_file(module.state_dict(), str(tmp / "model.safetensors"))
+            (tmp / "quantization_map.json").write_text(json.dumps(quantization_map(module)))
+            tmp.rename(path)
+            log.info("saved quantized %s to %s", name, path)
+        except OSError:  # another process won the race, or the disk is full: the cache is optional
+            log.warning("could not save quantized %s to %s", name, path, exc_info=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return False
 
 
 def _quantize_torchao(module: torch.nn.Module, kind: str) -> None:
-    from torchao.quantization import (
-        Float8WeightOnlyConfig,
-        Int4WeightOnlyConfig,
-        Int8WeightOnlyConfig,
-        quantize_,
-    )
+    from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    configs = {"int8": Int8WeightOnlyConfig, "fp8": Float8WeightOnlyConfig, "int4": Int4WeightOnlyConfig}
-    quantize_(module, configs[kind]())
+    if kind == "int4":
+        # int4 packs groups of 128 input features; a layer narrower than that stays as it is.
+        quantize_(module, Int4WeightOnlyConfig(group_size=128),
+                  filter_fn=lambda m, _: isinstance(m, torch.nn.Linear) and m.in_features % 128 == 0)
+    elif kind == "fp8":
+        quantize_(module, Float8WeightOnlyConfig())
+    else:
+        quantize_(module, Int8WeightOnlyConfig())
 
 
 # --------------------------------------------------------------------------- accounting
 def parameter_count(module: torch.nn.Module) -> int:
-    """Logical parameters (quantized weights count as their original elements)."""
+    """Logical parameters (a quantized weight counts as its original elements)."""
     return int(sum(p.numel() for p in module.parameters()))
 
 
-def _tensor_bytes(t: torch.Tensor) -> int:
-    flatten = getattr(t, "__tensor_flatten__", None)
-    if flatten is not None and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter.__mro__[0]) or (
-        flatten is not None and type(t).__name__ not in ("Tensor", "Parameter")
-    ):
-        names, _ = flatten()
-        return sum(_tensor_bytes(getattr(t, n)) for n in names)
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor occupies as stored: a quantized (wrapper-subclass) tensor counts its inner
+    tensors (packed data, scales, zero points), recursively."""
+    if is_traceable_wrapper_subclass(t):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes the module's weights occupy as stored (quantized tensors count their packed data and scales)."""
-    seen: set[int] = set()
-    total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        total += _tensor_bytes(tensor)
-    return int(total)
+    """Bytes of the module's parameters and buffers as stored (shared tensors counted once)."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return int(sum(tensor_bytes(t) for t in tensors.values()))
+
+
+def linear_weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of the weights of the module's linear layers alone: what weight-only quantization shrinks."""
+    return int(sum(tensor_bytes(m.weight) for m in module.modules() if isinstance(m, torch.nn.Linear)))

@@ -143,6 +143,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
             if handle is not None:
                 handle.cancel()
             self._count(rpc, grpc.StatusCode.CANCELLED)
+            self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
             self._log(rpc, domain, grpc.StatusCode.CANCELLED, started)
             raise
         self._count(rpc, grpc.StatusCode.OK)
@@ -176,6 +177,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
             if handle is not None:
                 handle.cancel()
             self._count(rpc, grpc.StatusCode.CANCELLED)
+            self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
             self._log(rpc, domain, grpc.StatusCode.CANCELLED, started)
             raise
         self._count(rpc, grpc.StatusCode.OK)
