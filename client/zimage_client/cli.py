@@ -13,6 +13,7 @@ import json
 import os
 import pathlib
 import sys
+import time
 from collections.abc import Sequence
 
 import grpc
@@ -58,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="show the model, defaults and limits")
     h = sub.add_parser("health", help="show the health status")
     h.add_argument("--service", default="")
+    h.add_argument("--wait", type=float, default=0, metavar="SECONDS",
+                   help="poll until SERVING (or the time runs out); for scripts that start a server")
     return p
 
 
@@ -134,6 +137,20 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(client: ZImageClient, service: str, wait_s: float) -> str:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            status = client.health(service)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() >= deadline:
+                raise
+            status = "UNAVAILABLE"
+        if status == "SERVING" or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.5)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     try:
@@ -145,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             code = 0
         else:
             with _client(args) as client:
-                status = client.health(args.service)
+                status = _health(client, args.service, args.wait)
             print(status)
             code = 0 if status == "SERVING" else 1
     except grpc.RpcError as err:

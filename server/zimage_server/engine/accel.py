@@ -168,7 +168,7 @@ def compile_models(pipe: ZImagePipeline, config: EngineConfig) -> None:
     if rope.freqs_cis is None:
         freqs = rope.precompute_freqs_cis(rope.axes_dims, rope.axes_lens, theta=rope.theta)
         rope.freqs_cis = [f.to(transformer.device) for f in freqs]
-    transformer.compile_repeated_blocks(fullgraph=True)
+    transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     prewarm_transformer(transformer)
     if config.compile_vae:
         pipe.vae.decoder = torch.compile(pipe.vae.decoder)
