@@ -18,10 +18,11 @@ from google.protobuf import json_format
 
 aiohttp = pytest.importorskip("aiohttp")
 
-from zimage.v1 import zimage_pb2 as pb  # noqa: E402
-from zimage.v1 import zimage_pb2_grpc as pb_grpc  # noqa: E402
-from zimage_server.bridge import start_bridge  # noqa: E402
-from zimage_server.bridge.http import query_to_body  # noqa: E402
+from zimage.v1 import zimage_pb2 as pb
+from zimage.v1 import zimage_pb2_grpc as pb_grpc
+from zimage_server.bridge import start_bridge
+from zimage_server.bridge.http import parse_body, query_to_body
+from zimage_server.errors import InvalidRequest
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -85,7 +86,7 @@ async def sse_events(response):
             fields = {"event": "message", "id": None, "data": [], "comments": []}
             for line in block.decode().split("\n"):
                 name, _, value = line.partition(":")
-                value = value[1:] if value.startswith(" ") else value
+                value = value.removeprefix(" ")
                 if name == "":
                     fields["comments"].append(value)
                 elif name == "data":
@@ -178,6 +179,19 @@ def test_query_to_body_nests_and_decodes_repeated_fields():
     body = query_to_body({"prompt": "[not json]", "preview.everyNSteps": "2",
                           "loras": '[{"name": "ink", "scale": 0.5}]'})
     assert body == {"prompt": "[not json]", "preview": {"everyNSteps": "2"}, "loras": [{"name": "ink", "scale": 0.5}]}
+    assert parse_body(body).preview.every_n_steps == 2
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"loras": [{"name": "ink", "scale": "x"}]}, "loras[0].scale"),
+    ({"preview": {"maxSidePx": 1.5}}, "preview.max_side_px"),
+    ({"outputFormat": "GIF"}, "output_format"),
+    ({"negative_prompt": ["a"]}, "negative_prompt"),
+])
+def test_parse_errors_name_the_field_as_validation_does(body, field):
+    with pytest.raises(InvalidRequest) as error:
+        parse_body(body)
+    assert [v.field for v in error.value.violations] == [field]
 
 
 async def test_generate_matches_grpc_generate(bridged, session):
@@ -385,7 +399,7 @@ async def test_bearer_token_is_required_when_configured(bridged, session, tmp_pa
 
 
 async def test_page_is_self_contained(bridged, session):
-    server, bridge = await bridged()
+    _, bridge = await bridged()
     async with session.get(f"{bridge.url}/") as response:
         assert response.status == 200
         assert response.content_type == "text/html"

@@ -7,10 +7,10 @@ Screenshots go to artifacts/ at the repository root.
 
 from __future__ import annotations
 
-import os
-import pathlib
 import http.client
 import json
+import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -28,18 +28,18 @@ ARTIFACTS = ROOT / "artifacts"
 CHROMIUM = os.environ.get("CHROMIUM_BIN", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("CHROMEDRIVER_BIN", shutil.which("chromedriver") or "/usr/bin/chromedriver")
 IN_CI = bool(os.environ.get("CI"))
+os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download a driver
 
 if not IN_CI and not os.path.exists(CHROMIUM):
     pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium chromium-driver)", allow_module_level=True)
 if not IN_CI:
     pytest.importorskip("selenium")
 
-from selenium import webdriver  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-from conftest import free_port  # noqa: E402
+from conftest import free_port
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -71,17 +71,18 @@ def server():
     """`python -m zimage_server.cli --model tiny --http-port P`: the CLI path a deployment uses."""
     ARTIFACTS.mkdir(exist_ok=True)
     http_port, metrics_port = free_port(), free_port()
-    log_file = open(ARTIFACTS / "browser_e2e_server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "zimage_server.cli", "--model", "tiny", "--host", "127.0.0.1", "--port", "0",
-         "--http-host", "127.0.0.1", "--http-port", str(http_port),
-         "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--max-batch-size", "1"],
-        stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
-    )
+    log_path = ARTIFACTS / "browser_e2e_server.log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "zimage_server.cli", "--model", "tiny", "--host", "127.0.0.1", "--port", "0",
+             "--http-host", "127.0.0.1", "--http-port", str(http_port), "--metrics-host", "127.0.0.1",
+             "--metrics-port", str(metrics_port), "--max-batch-size", "1", "--max-steps", "200"],
+            stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
     base = f"http://127.0.0.1:{http_port}"
     deadline = time.monotonic() + 180
     while True:
-        assert process.poll() is None, (ARTIFACTS / "browser_e2e_server.log").read_text()
+        assert process.poll() is None, log_path.read_text()
         try:
             if _get(base + "/healthz", 1.0)[0] == 200:
                 break
@@ -96,7 +97,6 @@ def server():
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
-    log_file.close()
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +123,8 @@ def watch_preview(driver) -> None:
     driver.execute_script("""
         window.__srcs = [];
         const img = document.getElementById('preview');
-        new MutationObserver(() => window.__srcs.push(img.src)).observe(img, {attributes: true, attributeFilter: ['src']});
+        new MutationObserver(() => window.__srcs.push(img.src))
+            .observe(img, {attributes: true, attributeFilter: ['src']});
     """)
 
 
@@ -170,6 +171,7 @@ def test_generate_then_cancel_in_chromium(server, browser):
     driver.find_element(By.ID, "generate").click()
     wait.until(lambda d: int(d.find_element(By.ID, "preview").get_attribute("data-preview-count")) >= 1)
     assert state(driver) == "running"
+    assert re.match(r"Step \d+/50 · ETA \d", driver.find_element(By.ID, "status").text)
     running = metric(_get(metrics_url)[1], "zimage_running_requests")
     assert running == 1
     driver.find_element(By.ID, "cancel").click()
@@ -201,9 +203,9 @@ def test_generate_then_cancel_in_chromium(server, browser):
 
 def test_frontends_doc_snippet_runs_in_chromium(server, browser):
     """The JavaScript of docs/frontends.md (the README's "Frontends" section), run as written."""
-    base, metrics_url = server
+    base, _ = server
     doc = (ROOT / "docs" / "frontends.md").read_text()
-    snippet = re.search(r"```js\n(.*?)```", doc, re.S).group(1)
+    snippet = re.search(r"```js\n(.*?)```", doc, re.DOTALL).group(1)
     browser.get(base + "/")
     result = browser.execute_async_script(snippet + """
         const done = arguments[arguments.length - 1];
@@ -227,7 +229,7 @@ def test_queue_position_then_cancel_while_waiting(server, browser):
     host, port = base.removeprefix("http://").split(":")
     busy = http.client.HTTPConnection(host, int(port), timeout=60)
     busy.request("POST", "/v1/stream", json.dumps({"prompt": "keep the engine busy", "width": 1024,
-                                                   "height": 1024, "steps": 50}),
+                                                   "height": 1024, "steps": 200}),
                  {"Content-Type": "application/json"})
     reply = busy.getresponse()
     assert reply.status == 200

@@ -59,7 +59,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--mix-resolutions", "scheduler", "mix_resolutions", "str", "step mode: auto | always | never"),
     Option("--host", "server", "host", "str", "gRPC bind address"),
     Option("--port", "server", "port", "int", "gRPC port"),
-    Option("--metrics-host", "server", "metrics_host", "str", "metrics bind address"),
+    Option("--metrics-host", "server", "metrics_host", "str",
+           "metrics bind address (default 0.0.0.0; 127.0.0.1 when --auth-token-file is set)"),
     Option("--metrics-port", "server", "metrics_port", "int", "Prometheus port (0: off)"),
     Option("--http-host", "server", "http_host", "str", "HTTP bridge bind address"),
     Option("--http-port", "server", "http_port", "int", "HTTP/SSE bridge port (0: off)"),
@@ -142,6 +143,9 @@ def config_from_args(argv: Sequence[str] | None = None, environ: dict[str, str] 
             value = file_values.get(option.field)
         if value is not None:
             sections[option.section][option.field] = _convert(option, value)
+    # With auth on, the unauthenticated metrics endpoint stays on loopback unless a bind address was chosen.
+    if sections["server"].get("auth_token_file") and "metrics_host" not in sections["server"]:
+        sections["server"]["metrics_host"] = "127.0.0.1"
     config = ServerConfig(
         engine=EngineConfig(**sections["engine"]),
         scheduler=SchedulerConfig(**sections["scheduler"]),

@@ -139,7 +139,14 @@ class HttpError:
 # ---------------------------------------------------------------------- request parsing
 _UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
 _FAILED_FIELD = re.compile(r"Failed to parse (\w+) field: ")
-_AT_PATH = re.compile(r'at "?GenerateRequest\.([\w.\[\]]+?)"?\.?$', re.M)
+_AT_PATH = re.compile(r'at "?GenerateRequest\.([\w.\[\]]+)')
+
+
+def _field(descriptor: Descriptor | None, name: str) -> FieldDescriptor | None:
+    """A field by its proto name or its JSON (camelCase) name."""
+    if descriptor is None:
+        return None
+    return descriptor.fields_by_name.get(name) or next((f for f in descriptor.fields if f.json_name == name), None)
 
 
 def _proto_path(json_path: list[str], descriptor: Descriptor = pb.GenerateRequest.DESCRIPTOR) -> str:
@@ -147,10 +154,7 @@ def _proto_path(json_path: list[str], descriptor: Descriptor = pb.GenerateReques
     names = []
     for segment in json_path:
         base, _, index = segment.partition("[")
-        field = None
-        if descriptor is not None:
-            field = descriptor.fields_by_name.get(base) or next(
-                (f for f in descriptor.fields if f.json_name == base), None)
+        field = _field(descriptor, base)
         names.append((field.name if field else base) + (f"[{index}" if index else ""))
         descriptor = field.message_type if field is not None else None
     return ".".join(names)
@@ -165,7 +169,7 @@ def _parse_error_violation(error: json_format.ParseError) -> FieldViolation:
         return FieldViolation(_proto_path(path + [unknown.group(1)]), "unknown field")
     at = _AT_PATH.search(text)
     if at:
-        path = at.group(1).split(".")
+        path = at.group(1).rstrip(".").split(".")
     description = _FAILED_FIELD.sub("", text).rstrip(".").split(" at GenerateRequest")[0].strip()
     return FieldViolation(_proto_path(path) if path else "body", description or "could not be parsed")
 
@@ -188,10 +192,7 @@ def query_to_body(query: Any) -> dict[str, Any]:
         target, descriptor = body, pb.GenerateRequest.DESCRIPTOR
         field: FieldDescriptor | None = None
         for depth, part in enumerate(parts):
-            field = None
-            if descriptor is not None:
-                field = descriptor.fields_by_name.get(part) or next(
-                    (f for f in descriptor.fields if f.json_name == part), None)
+            field = _field(descriptor, part)
             if depth < len(parts) - 1:
                 target = target.setdefault(part, {})
                 if not isinstance(target, dict):
@@ -262,7 +263,8 @@ class Bridge:
         self._page = (STATIC_DIR / "index.html").read_bytes()
 
     def app(self) -> web.Application:
-        app = web.Application()
+        # The same cap on request size as the gRPC side (larger bodies get 413).
+        app = web.Application(client_max_size=self._server.config.max_receive_message_bytes)
         app.router.add_get("/", self.index)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/v1/model", self.model)

@@ -419,7 +419,7 @@ class Scheduler:
 
     async def _run_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._engine_thread, fn, *args)
+        return await loop.run_in_executor(self._engine_thread, _contained, fn, *args)
 
     async def _admit(self, batch: list[RequestState]) -> None:
         """Move a batch from the queue to the running set: text-encode it and create its slots."""
@@ -659,7 +659,7 @@ class Scheduler:
         request = state.request
         loop = asyncio.get_running_loop()
         try:
-            images = await loop.run_in_executor(self._post_pool, _encode_all, request, state.slots, pixels)
+            images = await loop.run_in_executor(self._post_pool, _contained, _encode_all, request, state.slots, pixels)
         except Exception as exc:
             self._fail(state, "encode_output", exc)
             return
@@ -706,6 +706,21 @@ class Scheduler:
     def _update_gauges(self, extra_running: int = 0) -> None:
         self.metrics.queue_depth.set(len(self._queue))
         self.metrics.running.set(len(self._running) + len(self._finishing) + extra_running)
+
+
+def _contained(fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn`` (on a worker thread), turning a non-Exception BaseException into an ordinary error.
+
+    SystemExit, KeyboardInterrupt or a stray CancelledError raised by the engine would otherwise end the
+    scheduler task (or the event loop) and leave every request hanging; as a RuntimeError it is isolated
+    to its batch like any other engine failure.
+    """
+    try:
+        return fn(*args)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"engine thread raised {type(exc).__name__}: {exc}") from exc
 
 
 def _encode_all(request: GenerationRequest, slots: Sequence[Any], pixels: Sequence[np.ndarray]) -> list[EncodedImage]:

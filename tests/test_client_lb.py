@@ -1,0 +1,99 @@
+"""Client-side load balancing and retries against two real server processes, one stopped mid-run."""
+
+from __future__ import annotations
+
+import collections
+import io
+import concurrent.futures
+import pathlib
+import subprocess
+import sys
+import time
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from conftest import free_port
+
+from zimage_client import ZImageClient
+
+BIN = pathlib.Path(sys.executable).parent
+
+
+def start_server(port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [str(BIN / "zimage-server"), "--model", "tiny", "--host", "127.0.0.1", "--port", str(port),
+         "--metrics-port", "0", "--drain-timeout-s", "5", "--log-level", "WARNING"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_serving(port: int, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    with ZImageClient(f"127.0.0.1:{port}", retries=0) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.3)
+    raise TimeoutError(f"server on {port} did not become SERVING")
+
+
+@pytest.mark.timeout(240)
+def test_round_robin_and_retry_when_one_server_stops():
+    ports = [free_port(), free_port()]
+    servers = [start_server(p) for p in ports]
+    try:
+        for p in ports:
+            wait_serving(p)
+        targets = [f"127.0.0.1:{p}" for p in ports]
+        outcomes: collections.Counter[str] = collections.Counter()
+        seen_seeds: dict[int, np.ndarray] = {}
+        with ZImageClient(targets, retries=6, backoff_s=0.1) as client:
+            # Both replicas take traffic: request ids echo which one served (via round-robin order).
+            served = collections.Counter()
+            for i in range(6):
+                result = client.generate(f"warm {i}", width=64, height=64, steps=2, seed=i)
+                served[result.images[0].seed] += 1
+            assert len(served) == 6
+
+            def one(i: int) -> str:
+                try:
+                    result = client.generate(f"load {i % 4}", width=64, height=64, steps=3, seed=100 + i % 4)
+                except grpc.RpcError as err:
+                    return err.code().name
+                pixels = np.asarray(Image.open(io.BytesIO(result.images[0].data)), dtype=int)
+                previous = seen_seeds.setdefault(100 + i % 4, pixels)
+                # Same seed, same image on either replica, within the batch-invariance tolerance (+-1).
+                return "OK" if np.abs(previous - pixels).max() <= 1 else "MISMATCH"
+
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                futures = [pool.submit(one, i) for i in range(60)]
+                time.sleep(0.5)
+                servers[0].terminate()  # graceful stop mid-run: drains, then refuses
+                for future in futures:
+                    outcomes[future.result(timeout=120)] += 1
+        assert servers[0].wait(timeout=30) == 0
+        # Every request ended with an image (retried onto the surviving replica) or a definite status.
+        assert sum(outcomes.values()) == 60
+        assert outcomes["MISMATCH"] == 0
+        assert outcomes["OK"] == 60, outcomes
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                server.terminate()
+                try:
+                    server.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    server.kill()
+
+
+def test_dns_target_uses_round_robin_policy():
+    from zimage_client.client import _channel_options, _targets
+
+    assert _targets("dns:///zimage-headless.default.svc:50051") == ["dns:///zimage-headless.default.svc:50051"]
+    assert ("grpc.lb_policy_name", "round_robin") in _channel_options("dns:///x:1")
+    assert _targets("a:1,b:2") == ["a:1", "b:2"]
