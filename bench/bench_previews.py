@@ -25,15 +25,12 @@ import statistics
 import time
 from collections.abc import Sequence
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import torch  # noqa: E402
-
-from zimage_server.config import EngineConfig  # noqa: E402
-from zimage_server.engine.engine import Slot, ZImageEngine  # noqa: E402
-from zimage_server.engine.previews import LatentPreviewer  # noqa: E402
-from zimage_server.imaging import encode_image  # noqa: E402
-from zimage_server.types import GenerationRequest, ImageFormat  # noqa: E402
+import torch
+from zimage_server.config import EngineConfig
+from zimage_server.engine.engine import Slot, ZImageEngine
+from zimage_server.engine.previews import LatentPreviewer
+from zimage_server.imaging import encode_image
+from zimage_server.types import GenerationRequest, ImageFormat
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 # What the server does for a preview when the client leaves the options unset
@@ -177,6 +174,7 @@ def _ints(text: str) -> list[int]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizer
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="bench,tiny", help="comma-separated presets (default bench,tiny)")
     parser.add_argument("--sizes", default="256,512", type=_ints, help="square sizes in px (default 256,512)")

@@ -54,12 +54,9 @@ import time
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-import numpy as np  # noqa: E402
-
-from zimage_server.imaging import encode_image  # noqa: E402
-from zimage_server.types import GenerationRequest, ImageFormat  # noqa: E402
+import numpy as np
+from zimage_server.imaging import encode_image
+from zimage_server.types import GenerationRequest, ImageFormat
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 SERVER_SETUPS = ("batch1", "dynamic", "step")
@@ -400,8 +397,8 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 def markdown(points: Sequence[PointResult], mode: str) -> str:
     load = "concurrency" if mode == "closed" else "rate (req/s)"
     lines = [
-        f"| setup | {load} | completed | errors | throughput (img/s) | p50 (s) | p95 (s) | p99 (s) "
-        "| mean queue (s) | mean batch |",
+        (f"| setup | {load} | completed | errors | throughput (img/s) | p50 (s) | p95 (s) | p99 (s) "
+         "| mean queue (s) | mean batch |"),
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
@@ -621,6 +618,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no fork warnings from the tokenizer
     args = parse_args(argv)
     started = time.perf_counter()
     report = asyncio.run(amain(args))

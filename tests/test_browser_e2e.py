@@ -76,7 +76,7 @@ def server():
         process = subprocess.Popen(
             [sys.executable, "-m", "zimage_server.cli", "--model", "tiny", "--host", "127.0.0.1", "--port", "0",
              "--http-host", "127.0.0.1", "--http-port", str(http_port), "--metrics-host", "127.0.0.1",
-             "--metrics-port", str(metrics_port), "--max-batch-size", "1", "--max-steps", "200"],
+             "--metrics-port", str(metrics_port), "--max-batch-size", "1", "--max-steps", "200", "--drain-timeout-s", "2"],
             stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
         )
     base = f"http://127.0.0.1:{http_port}"

@@ -164,6 +164,8 @@ class Scheduler:
         self._tick = itertools.count(1)
         self._last_tick: dict[int, int] = {}
         self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()  # set whenever nothing waits, runs or finishes
+        self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._engine_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="zimage-engine")
         self._post_pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="zimage-encode")
@@ -187,9 +189,9 @@ class Scheduler:
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop accepting; let queued and running work finish for up to ``grace_s``; end the rest."""
         self._accepting = False
-        deadline = self._clock() + grace_s
-        while (self._queue or self._running or self._post_tasks) and self._clock() < deadline:
-            await asyncio.sleep(0.02)
+        self._update_gauges()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout=grace_s)
         for state in list(self._queue):
             self._queue.remove(state)
             self._finish(state, RequestStatus.FINISHED_REJECTED, ShuttingDown("server shut down before the request started"))
@@ -197,9 +199,9 @@ class Scheduler:
             state.cancel_requested = True
         if self._task is not None:
             self._wakeup.set()
-            # The loop ends running requests at the next boundary; give it a moment, then stop it.
+            # The loop ends running requests at the next step boundary; give it a moment, then stop it.
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._drain_running(), timeout=max(5.0, grace_s))
+                await asyncio.wait_for(self._idle.wait(), timeout=max(5.0, grace_s))
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
@@ -215,10 +217,6 @@ class Scheduler:
         self._engine_thread.shutdown(wait=False, cancel_futures=True)
         self._post_pool.shutdown(wait=False, cancel_futures=True)
         self._update_gauges()
-
-    async def _drain_running(self) -> None:
-        while self._running:
-            await asyncio.sleep(0.01)
 
     @property
     def accepting(self) -> bool:
@@ -705,7 +703,12 @@ class Scheduler:
 
     def _update_gauges(self, extra_running: int = 0) -> None:
         self.metrics.queue_depth.set(len(self._queue))
-        self.metrics.running.set(len(self._running) + len(self._finishing) + extra_running)
+        busy = len(self._running) + len(self._finishing) + extra_running
+        self.metrics.running.set(busy)
+        if self._queue or busy:
+            self._idle.clear()
+        else:
+            self._idle.set()
 
 
 def _contained(fn: Callable[..., Any], *args: Any) -> Any:
