@@ -24,7 +24,11 @@ Load (``--mode``):
 
 Every setup sees the same workload: request i has the same size (``--sizes``, uniform, ``--seed``), image
 seed and arrival time in every setup; prompts are unique per setup and load point so no setup profits
-from another's text-encoder cache. Each point starts with one untimed request per size.
+from another's text-encoder cache. Each setup starts with one untimed request per size (``--warmup``).
+
+Columns: throughput is completed images / (first send .. last completion); latency is client-side;
+queue is the server's Timings.queue_seconds (lock wait for naive); batch is the response's batch_size
+(in step mode: the largest forward the request was part of).
 
 With ``batch1`` the script also measures the end-to-end overhead at concurrency 1: the same requests
 alternately through the idle server (gRPC, scheduler, threads) and through the engine loop alone
@@ -191,6 +195,7 @@ class GrpcBackend:
         self.server: Any = None
         self.client: Any = None
         self.startup_s = 0.0
+        self.info: dict[str, Any] = {}
 
     async def open(self) -> None:
         from zimage_client.client import AsyncZImageClient
@@ -207,6 +212,11 @@ class GrpcBackend:
         status = await self.client.health()
         if status != "SERVING":
             raise RuntimeError(f"{self.target} reports {status}, not SERVING")
+        info = await self.client.info()
+        self.info = {"model_id": info.model_id, "device": info.device, "dtype": info.dtype,
+                     "batching": info.batching, "max_batch_size": info.limits.max_batch_size,
+                     "compiled": info.compiled, "quantization": info.quantization,
+                     "transformer_parameters": info.transformer_parameters}
 
     async def generate(self, job: Job, deadline: float) -> Served:
         import grpc
@@ -499,7 +509,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-queue-delay-ms", type=float, default=10.0, help="dynamic setup")
     p.add_argument("--max-queue-size", type=int, default=1024, help="server queue (large: measure, not reject)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per-request deadline")
-    p.add_argument("--no-warmup", action="store_true", help="skip the untimed request per size before each point")
+    p.add_argument("--warmup", choices=("setup", "point", "none"), default="setup",
+                   help="one untimed request per size before each setup's first point (default), each point, or none")
     p.add_argument("--overhead-requests", type=int, default=-1,
                    help="with batch1: requests of the c=1 overhead measurement (default --requests; 0: skip)")
     p.add_argument("--name", default="", help="results/loadgen-<name>.json (default <preset>-<mode>)")
@@ -556,6 +567,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
 
     points: list[PointResult] = []
     startup: dict[str, float] = {}
+    served_by: dict[str, dict[str, Any]] = {}
     overhead: Overhead | None = None
     for setup in args.setups:
         if setup == "naive":
@@ -566,10 +578,11 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             backend = GrpcBackend(setup, server_config=server_config(args, setup), engine=engine)
         await backend.open()
         startup[setup] = getattr(backend, "startup_s", 0.0)
+        served_by[setup] = getattr(backend, "info", {})
         try:
-            for load in loads:
+            for number, load in enumerate(loads):
                 tag = f"{setup}-{load:g}"
-                if not args.no_warmup:
+                if args.warmup == "point" or (args.warmup == "setup" and number == 0):
                     for i, (w, h) in enumerate(args.sizes):
                         warm = dataclasses.replace(workload.job(i, f"warm-{tag}"), width=w, height=h)
                         await _one(backend, warm, time.perf_counter(), args.timeout_s)
@@ -592,7 +605,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             await backend.close()
 
     sizes_text = ",".join(f"{w}x{h}" for w, h in args.sizes)
-    print(f"\n### Load: preset `{args.preset}`, {args.mode} loop, sizes {sizes_text}, {args.steps} steps, "
+    model = args.preset if engine is not None else f"remote {args.target} ({served_by['remote'].get('model_id')})"
+    print(f"\n### Load: {model}, {args.mode} loop, sizes {sizes_text}, {args.steps} steps, "
           f"{requests or '–'} requests / {duration_s or '–'} s per point\n")
     print(markdown(points, args.mode))
     if overhead is not None:
@@ -602,16 +616,16 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
               f"p50 {overhead.paired_diff_p50_s * 1000:+.1f} ms = {overhead.overhead_p50_pct:+.1f}% "
               f"(means: {overhead.overhead_mean_pct:+.1f}%)")
     return {
-        "benchmark": "loadgen", "machine": machine(),
+        "benchmark": "loadgen", "model": model, "machine": machine(),
         "settings": {
             "setups": args.setups, "preset": args.preset, "target": args.target, "mode": args.mode,
             "loads": loads, "requests": requests, "duration_s": duration_s,
             "sizes": [f"{w}x{h}" for w, h in args.sizes], "steps": args.steps, "seed": args.seed,
             "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
-            "max_queue_size": args.max_queue_size, "timeout_s": args.timeout_s, "warmup": not args.no_warmup,
+            "max_queue_size": args.max_queue_size, "timeout_s": args.timeout_s, "warmup": args.warmup,
             "overhead_requests": args.overhead_requests if "batch1" in args.setups else 0,
         },
-        "model_load_s": load_s, "server_startup_s": startup,
+        "model_load_s": load_s, "server_startup_s": startup, "server_info": served_by,
         "points": [dataclasses.asdict(p) for p in points],
         "overhead_c1": dataclasses.asdict(overhead) if overhead is not None else None,
     }
@@ -630,7 +644,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\nwrote {out} (total {report['total_wall_s']:.0f} s)")
     if args.plot is not None:
         sizes_text = ",".join(f"{w}x{h}" for w, h in args.sizes)
-        title = f"{args.preset}, {sizes_text}, {args.steps} steps, {args.mode} loop"
+        title = f"{report['model']}, {sizes_text}, {args.steps} steps, {args.mode} loop"
         plot([PointResult(**p) for p in report["points"]], args.mode, title, args.plot)
         print(f"wrote {args.plot}")
 

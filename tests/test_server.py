@@ -215,9 +215,12 @@ async def test_queue_full_is_resource_exhausted_with_retry_info(make_server):
     server = await make_server(max_batch_size=1, max_queue_size=1, max_queue_delay_ms=0)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.ImageGenerationServiceStub(channel)
-        slow = [asyncio.ensure_future(stub.Generate(build_request(f"s{i}", width=256, height=256, steps=30)))
+        slow = [asyncio.ensure_future(stub.Generate(build_request(f"s{i}", width=512, height=512, steps=40)))
                 for i in range(2)]
-        await asyncio.sleep(0.3)
+        for _ in range(500):  # one running, one waiting
+            if server.scheduler.queue_depth == 1 and server.scheduler.running_count == 1:
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Generate(build_request("overflow", width=64, height=64, steps=1))
         err = info.value

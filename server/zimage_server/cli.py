@@ -170,10 +170,11 @@ async def serve(config: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start(wait_ready=False)
+    bridge = None
     if config.http_port:
         from .bridge import start_bridge
 
-        await start_bridge(server, config.http_host, config.http_port)
+        bridge = await start_bridge(server, config.http_host, config.http_port)
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, server._load_task], return_when=asyncio.FIRST_COMPLETED)
     if server.load_error is not None:
@@ -184,6 +185,8 @@ async def serve(config: ServerConfig) -> int:
     await stop.wait()
     log.info("signal received: draining for up to %.0f s", config.drain_timeout_s)
     await server.stop()
+    if bridge is not None:  # after the drain, so open streams end with their result or a status
+        await bridge.close()
     log.info("stopped")
     return 0
 

@@ -46,7 +46,7 @@ _MASKED_ALTERNATIVE = {"flash": "flash_varlen", "_flash_3": "_flash_varlen_3", "
 ATTENTION_BACKENDS_ON_CPU = frozenset({"native", "_native_math"})
 
 TORCHAO_FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: float8 tensor cores
-BLOCK_RECOMPILE_LIMIT = 16  # graphs allowed per compiled code object (9 needed; see compile_models)
+BLOCK_RECOMPILE_LIMIT = 64  # per code object: 9 graphs per model configuration (see compile_models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,8 +171,9 @@ def compile_models(pipe: ZImagePipeline, config: EngineConfig) -> None:
         rope.freqs_cis = [f.to(transformer.device) for f in freqs]
     # dynamic=True: sizes are symbolic from the first trace, so resolutions and batch sizes do not
     # recompile; what remains are the variants prewarm_transformer runs. They share one code object
-    # (the block's forward), and there are 9 of them (3 block kinds x batch 1 / batch n / masked),
-    # one over dynamo's default recompile_limit of 8, past which a fullgraph compile raises.
+    # (the block's forward): 9 per model configuration (3 block kinds x batch 1 / batch n / masked),
+    # already over dynamo's default recompile_limit of 8, past which a fullgraph compile raises;
+    # a process that loads several configurations (tests, benchmarks) needs more again.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
     prewarm_transformer(transformer)

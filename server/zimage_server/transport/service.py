@@ -79,10 +79,7 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
     def record(self, rpc: str, code: grpc.StatusCode, started: float, exc: BaseException | None = None) -> None:
         """Count a finished call made through ``submit`` in the same metrics as gRPC calls."""
         if exc is not None:
-            if isinstance(exc, InvalidRequest):
-                self._metrics.rejected.labels(reason="invalid_argument").inc()
-            elif isinstance(exc, QueueFull):
-                self._metrics.rejected.labels(reason="queue_full").inc()
+            self._count_rejection(exc)
         self._count(rpc, code)
         self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
 
@@ -92,16 +89,18 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
 
     async def _abort(self, context: grpc.aio.ServicerContext, rpc: str, exc: BaseException) -> None:
         code, status = status_for(exc)
-        if isinstance(exc, InvalidRequest):
-            self._metrics.rejected.labels(reason="invalid_argument").inc()
-        elif isinstance(exc, QueueFull):
-            self._metrics.rejected.labels(reason="queue_full").inc()
-        elif isinstance(exc, ShuttingDown | NotReady):
-            self._metrics.rejected.labels(reason="shutting_down" if isinstance(exc, ShuttingDown) else "not_ready").inc()
-        elif isinstance(exc, NotFound):
-            self._metrics.rejected.labels(reason="not_found").inc()
+        self._count_rejection(exc)
         self._count(rpc, code)
         await context.abort_with_status(status)
+
+    def _count_rejection(self, exc: BaseException) -> None:
+        """Requests refused before they were queued, by reason."""
+        reasons = ((InvalidRequest, "invalid_argument"), (QueueFull, "queue_full"), (ShuttingDown, "shutting_down"),
+                   (NotReady, "not_ready"), (NotFound, "not_found"))
+        for kind, reason in reasons:
+            if isinstance(exc, kind):
+                self._metrics.rejected.labels(reason=reason).inc()
+                return
 
     def _count(self, rpc: str, code: grpc.StatusCode) -> None:
         self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
