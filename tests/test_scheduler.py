@@ -406,3 +406,14 @@ async def test_step_mode_same_token_count_mixes_without_measurement():
     await results(sched.submit(req("wide", w=128, h=64, steps=4)), sched.submit(req("tall", w=64, h=128, steps=4)))
     assert any(set(ids) == {"wide", "tall"} for name, ids in engine.calls if name == "step")
     await sched.close()
+
+
+async def test_sparse_arrivals_do_not_wait_for_company():
+    engine = FakeEngine()
+    sched = make(engine, max_batch_size=8, max_queue_delay_ms=50)
+    (first,) = await results(sched.submit(req("first")))
+    assert first.timings.queue_s >= 0.045  # no history yet: the full delay applies
+    await asyncio.sleep(0.3)  # arrivals 0.3 s apart, far more than 4 x 50 ms
+    (second,) = await results(sched.submit(req("second")))
+    assert second.timings.queue_s < 0.03
+    await sched.close()

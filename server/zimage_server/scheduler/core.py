@@ -177,6 +177,8 @@ class Scheduler:
         self._default_step_s = estimated_step_s
         self._overhead_s = 0.0
         self.mix_table: dict[frozenset[int], bool] = dict(mix_table or {})
+        self._last_arrival: float | None = None
+        self._arrival_gap_s: float | None = None  # EMA of the time between arrivals
         self.forward_passes = 0
         self.metrics.max_batch_size.set(self._cap)
 
@@ -254,6 +256,10 @@ class Scheduler:
         state = RequestState(
             request=request, seq=next(self._seq), arrival=now, deadline=deadline, channel=asyncio.Queue()
         )
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self._arrival_gap_s = gap if self._arrival_gap_s is None else 0.7 * self._arrival_gap_s + 0.3 * gap
+        self._last_arrival = now
         if now + self.estimate_service_s(request) > deadline:
             self.metrics.expired.labels(stage="admission").inc()
             raise DeadlineExceeded(request.request_id, "queued", "the deadline is shorter than the estimated service time")
@@ -369,8 +375,9 @@ class Scheduler:
 
         The batch is opened by the highest-priority waiting request and holds compatible requests (same
         BatchKey) in priority order up to the batch cap. It is dispatched at once when it reaches the cap
-        (or the largest preferred size), otherwise when its opener has waited max_queue_delay_ms or its
-        opener's deadline would be at risk by waiting longer.
+        (or the largest preferred size), otherwise when its opener has waited max_queue_delay_ms, its
+        opener's deadline would be at risk by waiting longer, or arrivals are too sparse for company to
+        be likely within the remaining wait.
         """
         delay_s = self.config.max_queue_delay_ms / 1000.0
         preferred = [p for p in self.config.preferred_batch_sizes if p <= self._cap]
@@ -393,12 +400,21 @@ class Scheduler:
             if head.deadline is not None:
                 slack = head.deadline - now - self.estimate_service_s(head.request)
                 wait_left = min(wait_left, slack)
-            if images >= target or wait_left <= 0:
+            if images >= target or wait_left <= 0 or not self._company_likely(wait_left):
                 return batch
             self._wakeup.clear()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=wait_left)
         return []
+
+    def _company_likely(self, wait_s: float) -> bool:
+        """Whether another request is likely to arrive within ``wait_s``.
+
+        When arrivals are sparse (mean gap more than four times the wait, e.g. one client in a
+        closed loop), waiting for company only adds latency: the batch leaves at once. With no
+        history yet, the full delay applies.
+        """
+        return self._arrival_gap_s is None or self._arrival_gap_s < 4 * wait_s
 
     def _select_step_admissions(self) -> list[RequestState]:
         """Step mode: admit waiting requests in priority order while their images fit the running cap.
