@@ -50,6 +50,8 @@ class PreviewPoint:
     pairs: int
     step_ms: float  # median step without previews
     step_preview_ms: float  # median step with a preview for every slot
+    step_min_ms: float  # fastest step without previews (least disturbed by other load)
+    step_preview_min_ms: float  # fastest step with previews
     diff_ms: float  # median of the paired differences (with - without)
     diff_pct: float
     preview_op_ms: float  # the preview math alone, for all `batch` slots (median)
@@ -138,6 +140,7 @@ def measure(engine: ZImageEngine, preset: str, size_px: int, batch: int, pairs: 
     return PreviewPoint(
         preset=preset, size_px=size_px, batch=batch, pairs=pairs,
         step_ms=step_s * 1000, step_preview_ms=_median_ms(on),
+        step_min_ms=min(off) * 1000, step_preview_min_ms=min(on) * 1000,
         diff_ms=_median_ms(diffs), diff_pct=100.0 * statistics.median(diffs) / step_s,
         preview_op_ms=op_s * 1000, preview_op_pct=100.0 * op_s / step_s,
         jpeg_ms=jpeg_s * 1000, jpeg_latent_ms=jpeg_latent_s * 1000,
@@ -212,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          "steps_per_request": STEPS_PER_REQUEST, "preview_side_px": PREVIEW_SIDE_PX,
                          "preview_quality": PREVIEW_QUALITY},
             "points": [dataclasses.asdict(p) for p in points],
+            "load_avg_1m_at_end": os.getloadavg()[0],
         }, indent=2) + "\n")
         print(f"wrote {out}")
 

@@ -637,6 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = time.perf_counter()
     report = asyncio.run(amain(args))
     report["total_wall_s"] = time.perf_counter() - started
+    report["load_avg_1m_at_end"] = os.getloadavg()[0]
     name = args.name or f"{args.preset if 'remote' not in args.setups else 'remote'}-{args.mode}"
     args.out_dir.mkdir(parents=True, exist_ok=True)
     out = args.out_dir / f"loadgen-{name}.json"

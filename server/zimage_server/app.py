@@ -28,6 +28,7 @@ from .metrics import EngineCollector, EngineReadings, Metrics
 from .scheduler import Scheduler
 from .transport.codec import Limits, format_to_pb
 from .transport.interceptors import AuthInterceptor, load_token
+from .transport.loras import EngineLoraCatalog
 from .transport.service import ImageGenerationService
 from .types import ImageFormat
 
@@ -57,6 +58,8 @@ class ZImageServer:
         self.ready = asyncio.Event()
         self.load_error: BaseException | None = None
         self._recompiles_seen = 0
+        self.lora_catalog: EngineLoraCatalog | None = None
+        self._lora_reloads: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self, *, wait_ready: bool = True) -> None:
@@ -120,7 +123,11 @@ class ZImageServer:
                               mix_table=getattr(self, "_mix_table", None))
         scheduler.start()
         self.scheduler = scheduler
-        self.service.attach(scheduler, self.limits(), self.model_info())
+        registry = getattr(self.engine, "loras", None)  # None without --lora-dir (and on fake engines)
+        if registry is not None:
+            registry.on_switch = self.metrics.adapter_switches.inc
+            self.lora_catalog = EngineLoraCatalog(registry, scheduler)
+        self.service.attach(scheduler, self.limits(), self.model_info(), loras=self.lora_catalog)
         self.metrics.build_info.info(self._build_labels())
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -149,6 +156,21 @@ class ZImageServer:
             self._mix_table = self.engine.calibrate_mixing(sizes) if len(sizes) > 1 else {}
         self._recompiles_seen = accel.recompilations()
         log.info("warm-up of %s x batch %s took %.1f s", sizes, batches, warm_s)
+
+    def reload_loras_soon(self) -> asyncio.Task[None] | None:
+        """Rescan the LoRA directory in the background (SIGHUP); the outcome goes to the log."""
+        if self.lora_catalog is None:
+            log.warning("LoRA reload asked, but no --lora-dir is configured or the model is still loading")
+            return None
+        task = asyncio.get_running_loop().create_task(self._reload_loras())
+        self._lora_reloads.add(task)
+        task.add_done_callback(self._lora_reloads.discard)
+        return task
+
+    async def _reload_loras(self) -> None:
+        loaded, errors = await self.lora_catalog.reload()
+        log.info("LoRA reload: %d adapters loaded (%s), %d files skipped", len(loaded),
+                 ", ".join(a.name for a in loaded), len(errors))
 
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain and stop; see the module docstring."""

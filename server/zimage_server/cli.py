@@ -169,6 +169,7 @@ async def serve(config: ServerConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, server.reload_loras_soon)  # rescan --lora-dir
     await server.start(wait_ready=False)
     bridge = None
     if config.http_port:

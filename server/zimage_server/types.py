@@ -61,6 +61,24 @@ class LoraRef:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """A loaded LoRA adapter, as ListLoras describes it."""
+
+    name: str
+    rank: int  # the largest rank over its layers
+    target_modules: tuple[str, ...]  # module names within a block, e.g. "attention.to_q"
+    size_bytes: int  # its weights as held in memory
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraReloadReport:
+    """Outcome of scanning the LoRA directory: what is loaded now, and each file that was not."""
+
+    adapters: tuple[AdapterInfo, ...]
+    errors: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
 class BatchKey:
     """What must be equal for requests to share one transformer forward.
 

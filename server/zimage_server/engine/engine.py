@@ -28,8 +28,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 
 from ..config import ConfigError, EngineConfig
-from ..types import GenerationRequest, ImageFormat
+from ..types import GenerationRequest, ImageFormat, LoraRef
 from . import accel
+from .lora import LoraRegistry
 from .presets import PRESETS, build_preset
 from .previews import LatentPreviewer
 
@@ -76,6 +77,7 @@ class Slot:
     sigmas: torch.Tensor  # [steps + 1], float32, ends with 0
     model_t: torch.Tensor  # [steps], the transformer's timestep input per step
     step_index: int = 0
+    loras: tuple[LoraRef, ...] = ()  # the request's adapters: slots of one forward share them
 
     @property
     def total_steps(self) -> int:
@@ -96,8 +98,10 @@ FaultHook = Callable[[str, Sequence[str]], None]
 class ZImageEngine:
     """Owns the diffusers components and runs encode / step / decode on batches."""
 
-    def __init__(self, pipe: ZImagePipeline, config: EngineConfig, description: ModelDescription):
+    def __init__(self, pipe: ZImagePipeline, config: EngineConfig, description: ModelDescription,
+                 loras: LoraRegistry | None = None):
         self.pipe = pipe
+        self.loras = loras  # None without --lora-dir
         self.config = config
         self.description = description
         self.device = torch.device(description.device)
@@ -136,7 +140,21 @@ class ZImageEngine:
             sizes = (1024, 256, 2048)
             is_preset = False
         pipe.set_progress_bar_config(disable=True)
-        accel.apply(pipe, config, device)
+        loras = None
+        if config.lora_dir:
+            # Adapters go in after quantization (PEFT wraps the quantized layers; the adapters stay in full
+            # precision) and before compile (the compiled graph then contains their layers; see engine.lora).
+            accel.apply(pipe, dataclasses.replace(config, compile=False), device)
+            loras = LoraRegistry(pipe, config.lora_dir, fixed_graph=config.compile)
+            loras.reload()
+            if config.compile:
+                started = time.monotonic()
+                accel.compile_models(pipe, config)
+                loras.freeze()
+                log.info("compiled (with %d LoRA adapters) and pre-warmed in %.1f s",
+                         len(loras.names()), time.monotonic() - started)
+        else:
+            accel.apply(pipe, config, device)
         transformer = pipe.transformer
         description = ModelDescription(
             model_id=config.model,
@@ -156,7 +174,7 @@ class ZImageEngine:
             attention_backend=config.attention,
             offload=config.offload,
         )
-        return cls(pipe, config, description)
+        return cls(pipe, config, description, loras)
 
     # ------------------------------------------------------------------ schedule
     def schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,6 +255,7 @@ class ZImageEngine:
                         latents=latents,
                         sigmas=sigmas,
                         model_t=model_t,
+                        loras=r.loras,
                     )
                 )
             out.append(slots)
@@ -249,6 +268,9 @@ class ZImageEngine:
         Returns, per slot, an RGB preview (latent resolution, uint8) where asked, else None.
         """
         self._check_fault("step", [s.request_id for s in slots])
+        if any(s.loras != slots[0].loras for s in slots):
+            raise ValueError("slots with different LoRA adapters cannot share a forward")
+        self.activate_loras(slots[0].loras if slots else ())
         dtype = self.transformer.dtype
         positives = list(slots)
         guided = [s for s in slots if s.negative_embeds is not None]
@@ -274,6 +296,13 @@ class ZImageEngine:
             slot.step_index += 1
             previews.append(preview)
         return previews
+
+    def activate_loras(self, loras: Sequence[LoraRef]) -> None:
+        """Make ``loras`` the adapters of the next forwards (a no-op when they already are)."""
+        if self.loras is not None:
+            self.loras.activate(loras)
+        elif loras:
+            raise ValueError("no LoRA adapters are loaded: start the server with --lora-dir")
 
     @torch.no_grad()
     def decode(self, slots: Sequence[Slot]) -> list[np.ndarray]:

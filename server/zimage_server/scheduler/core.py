@@ -435,6 +435,10 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._engine_thread, _contained, fn, *args)
 
+    async def run_on_engine(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the engine thread, between two engine calls (e.g. a LoRA reload)."""
+        return await self._run_engine(fn, *args)
+
     async def _admit(self, batch: list[RequestState]) -> None:
         """Move a batch from the queue to the running set: text-encode it and create its slots."""
         now = self._clock()
@@ -446,6 +450,8 @@ class Scheduler:
             state.status = RequestStatus.RUNNING
             state.started_at = now
             self.metrics.queue_duration.observe(now - state.arrival)
+            for ref in state.request.loras:  # names the transport checked against the loaded adapters
+                self.metrics.adapter_requests.labels(adapter=ref.name).inc()
         self._publish_positions()
         self._update_gauges(extra_running=len(batch))
         started = self._clock()

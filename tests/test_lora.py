@@ -1,0 +1,339 @@
+"""LoRA adapters on the tiny preset: adapters made here with PEFT (random weights), served over gRPC.
+
+Covers issue 9's "done when": scale 0 equals the base image; an adapter changes the image; requests
+with different adapters sent together each get the image they would get alone; a reload picks up a
+new file; bad names and corrupt files get their errors. Also the community key layouts diffusers
+converts (kohya, ``diffusion_model.``), the engine-side switching contract and the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import pathlib
+import shutil
+
+import grpc
+import pytest
+import torch
+from safetensors.torch import save_file
+from zimage.v1 import zimage_pb2 as pb
+from zimage.v1 import zimage_pb2_grpc as pb_grpc
+
+from zimage_client import build_request
+
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # ZImageTransformer2DModel's attention projections
+RANK = 4
+
+
+# --------------------------------------------------------------------------- making adapters
+def peft_lora(transformer: torch.nn.Module, seed: int, rank: int = RANK) -> tuple[dict[str, torch.Tensor], dict]:
+    """A PEFT LoRA on a copy of ``transformer`` with random A and B (B is zero at init: no effect).
+
+    Returns the PEFT state dict (``<module>.lora_A.weight`` keys) and the LoraConfig as a dict.
+    """
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    model = copy.deepcopy(transformer)
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS)
+    model.add_adapter(config, adapter_name="new")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
+    state = {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name="new").items()}
+    return state, config.to_dict()
+
+
+def save_diffusers(directory: pathlib.Path, name: str, state: dict[str, torch.Tensor], config: dict) -> pathlib.Path:
+    """The layout ZImagePipeline.save_lora_weights writes (``transformer.`` prefix, config in the metadata)."""
+    from diffusers import ZImagePipeline
+
+    ZImagePipeline.save_lora_weights(str(directory), transformer_lora_layers=state, weight_name=f"{name}.safetensors",
+                                     transformer_lora_adapter_metadata=config)
+    return directory / f"{name}.safetensors"
+
+
+def save_kohya(directory: pathlib.Path, name: str, state: dict[str, torch.Tensor]) -> pathlib.Path:
+    """kohya / sd-scripts layout: ``lora_unet_<module_with_underscores>.lora_down.weight`` plus ``.alpha``."""
+    out = {}
+    for key, value in state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        stem = "lora_unet_" + module.replace(".", "_")
+        out[f"{stem}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value
+        out[f"{stem}.alpha"] = torch.tensor(float(RANK))  # alpha == rank: scale 1, as the PEFT config says
+    path = directory / f"{name}.safetensors"
+    save_file(out, str(path))
+    return path
+
+
+def save_prefixed(directory: pathlib.Path, name: str, state: dict[str, torch.Tensor]) -> pathlib.Path:
+    """ComfyUI-style layout: PEFT keys under a ``diffusion_model.`` prefix, no metadata."""
+    path = directory / f"{name}.safetensors"
+    save_file({f"diffusion_model.{k}": v for k, v in state.items()}, str(path))
+    return path
+
+
+def load_engine(directory: pathlib.Path):
+    from zimage_server.config import EngineConfig
+    from zimage_server.engine.engine import ZImageEngine
+
+    return ZImageEngine.load(EngineConfig(model="tiny", lora_dir=str(directory)))
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_engine):
+    """PEFT adapters made once per module: {name: (state, config)}."""
+    return {name: peft_lora(tiny_engine.transformer, seed) for name, seed in (("alpha", 1), ("beta", 2), ("gamma", 3))}
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory, adapters):
+    directory = tmp_path_factory.mktemp("loras")
+    save_diffusers(directory, "alpha", *adapters["alpha"])
+    save_diffusers(directory, "beta", *adapters["beta"])
+    save_kohya(directory, "alpha-kohya", adapters["alpha"][0])
+    save_prefixed(directory, "beta.comfy", adapters["beta"][0])
+    return directory
+
+
+@pytest.fixture(scope="module")
+def lora_engine(lora_dir):
+    return load_engine(lora_dir)
+
+
+@pytest.fixture
+async def server(make_server, lora_engine):
+    return await make_server(engine=lora_engine, max_batch_size=8, max_queue_delay_ms=50)
+
+
+@pytest.fixture
+async def stub(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.ImageGenerationServiceStub(channel)
+
+
+def request(loras=(), seed=7, prompt="a lighthouse"):
+    return build_request(prompt, width=64, height=64, steps=2, seed=seed, loras=list(loras))
+
+
+async def image(stub, loras=(), seed=7) -> bytes:
+    return (await stub.Generate(request(loras, seed))).images[0].data
+
+
+# --------------------------------------------------------------------------- listing
+async def test_list_loras_reports_name_rank_targets_and_size(stub):
+    listed = (await stub.ListLoras(pb.ListLorasRequest())).loras
+    assert [a.name for a in listed] == ["alpha", "alpha-kohya", "beta", "beta.comfy"]
+    for adapter in listed:
+        assert adapter.rank == RANK
+        assert list(adapter.target_modules) == ["attention.to_k", "attention.to_out.0", "attention.to_q",
+                                                "attention.to_v"]
+        # 4 blocks (2 layers, 1 noise and 1 context refiner) x 4 projections x (A + B), 64 features, float32
+        assert adapter.size_bytes == 4 * 4 * 2 * RANK * 64 * 4
+
+
+# --------------------------------------------------------------------------- images
+async def test_scale_zero_equals_the_base_image_and_an_adapter_changes_it(stub):
+    base = await image(stub)
+    assert await image(stub, [("alpha", 0.0)]) == base
+    with_alpha = await image(stub, [("alpha", 1.0)])
+    with_beta = await image(stub, [("beta", 1.0)])
+    assert with_alpha != base and with_beta != base and with_alpha != with_beta
+    assert await image(stub, [("alpha", 0.5)]) not in (base, with_alpha)
+    # Both at once is a third image; the adapters are never fused: the base image is unchanged afterwards.
+    assert await image(stub, [("alpha", 1.0), ("beta", 1.0)]) not in (base, with_alpha, with_beta)
+    assert await image(stub) == base
+    assert await image(stub, [("alpha", 1.0)]) == with_alpha
+
+
+async def test_community_layouts_load_as_the_same_adapter(stub):
+    """kohya (lora_unet_*, lora_down/up, alpha) and diffusion_model.-prefixed files of the same weights."""
+    assert await image(stub, [("alpha-kohya", 1.0)]) == await image(stub, [("alpha", 1.0)])
+    assert await image(stub, [("beta.comfy", 0.7)]) == await image(stub, [("beta", 0.7)])
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+async def test_requests_with_different_adapters_sent_together_each_get_their_own_image(make_server, lora_engine,
+                                                                                      batching):
+    server = await make_server(engine=lora_engine, batching=batching, max_batch_size=8, max_queue_delay_ms=100)
+    sets = [(), (("alpha", 1.0),), (("beta", 0.5),), (("alpha", 0.5),), (("alpha", 1.0), ("beta", 0.5))]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ImageGenerationServiceStub(channel)
+        alone = [await image(stub, s) for s in sets]
+        assert len(set(alone)) == len(sets)
+        switches = server.metrics.registry.get_sample_value("zimage_lora_switches_total")
+        together = await asyncio.gather(*(stub.Generate(request(s)) for s in sets))
+        # Different adapter sets (names or scales) never share a forward: each runs as it would alone.
+        assert [r.images[0].data for r in together] == alone
+        if batching == "request":  # (in step mode batch_size counts the running set, not one forward)
+            assert all(r.batch_size == 1 for r in together)
+        assert server.metrics.registry.get_sample_value("zimage_lora_switches_total") >= switches + len(sets) - 1
+        pairs = await asyncio.gather(*(stub.Generate(request(s)) for s in sets * 2))
+    # Equal sets do share one: the same images up to batched float rounding (as for requests without adapters).
+    for response, reference in zip(pairs, alone * 2, strict=True):
+        assert pixels_close(response.images[0].data, reference)
+    if batching == "request":
+        assert all(r.batch_size == 2 for r in pairs)
+    assert server.metrics.registry.get_sample_value("zimage_lora_requests_total", {"adapter": "alpha"}) >= 9
+    assert server.metrics.registry.get_sample_value("zimage_lora_requests_total", {"adapter": "beta"}) >= 6
+
+
+def pixels_close(a: bytes, b: bytes) -> bool:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pa, pb_ = (np.asarray(Image.open(io.BytesIO(x)).convert("RGB")).astype(int) for x in (a, b))
+    return int(np.abs(pa - pb_).max()) <= 1
+
+
+# --------------------------------------------------------------------------- errors
+async def test_unknown_adapter_is_not_found_naming_it(stub):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Generate(request([("alpha", 1.0), ("nope", 1.0)]))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "loras[1].name" in info.value.details() and "nope" in info.value.details()
+
+
+@pytest.mark.parametrize("loras,field", [
+    ([("alpha", 1.0), ("beta", 1.0), ("alpha-kohya", 1.0), ("beta.comfy", 1.0), ("gamma", 1.0)], "loras"),
+    ([("alpha", 4.5)], "loras[0].scale"),
+    ([("alpha", float("nan"))], "loras[0].scale"),
+])
+async def test_too_many_adapters_or_a_scale_out_of_range_is_invalid(stub, loras, field):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.Generate(request(loras))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in info.value.details()
+
+
+def write_bad_files(directory: pathlib.Path, good: pathlib.Path, adapters) -> dict[str, str]:
+    """Files that must be skipped, with a word each error must contain."""
+    (directory / "garbage.safetensors").write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    data = good.read_bytes()
+    (directory / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    save_file({"some.weight": torch.zeros(2, 2)}, str(directory / "not-a-lora.safetensors"))
+    state = {k: torch.zeros(v.shape[0], v.shape[1] + 3) for k, v in adapters["gamma"][0].items()}
+    save_diffusers(directory, "wrong-shape", state, adapters["gamma"][1])  # a LoRA made for another model
+    shutil.copy(good, directory / "bad name!.safetensors")
+    return {"garbage.safetensors": "", "truncated.safetensors": "", "not-a-lora.safetensors": "",
+            "wrong-shape.safetensors": "", "bad name!.safetensors": "name"}
+
+
+async def test_reload_picks_up_new_changed_and_removed_files_and_reports_bad_ones(make_server, adapters, tmp_path):
+    save_diffusers(tmp_path, "one", *adapters["alpha"])
+    bad = write_bad_files(tmp_path, tmp_path / "one.safetensors", adapters)
+    engine = load_engine(tmp_path)  # corrupt files at start-up: reported and skipped, the server starts
+    assert engine.loras.names() == {"one"}
+    server = await make_server(engine=engine)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ImageGenerationServiceStub(channel)
+        assert [a.name for a in (await stub.ListLoras(pb.ListLorasRequest())).loras] == ["one"]
+        one = await image(stub, [("one", 1.0)])
+
+        save_diffusers(tmp_path, "two", *adapters["beta"])
+        reply = await stub.ReloadLoras(pb.ReloadLorasRequest())
+        assert [a.name for a in reply.loras] == ["one", "two"]
+        assert sorted(e.split(":")[0] for e in reply.errors) == sorted(bad)
+        for file, word in bad.items():
+            assert any(e.startswith(file) and word in e for e in reply.errors)
+        two = await image(stub, [("two", 1.0)])
+        assert two not in (one, await image(stub))
+        assert await image(stub, [("one", 1.0)]) == one  # reloading did not disturb the loaded adapter
+
+        # A changed file is reloaded under the same name; a removed one is unloaded: NOT_FOUND from then on.
+        save_diffusers(tmp_path, "two", *adapters["gamma"])
+        (tmp_path / "one.safetensors").unlink()
+        reply = await stub.ReloadLoras(pb.ReloadLorasRequest())
+        assert [a.name for a in reply.loras] == ["two"]
+        assert await image(stub, [("two", 1.0)]) not in (one, two)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Generate(request([("one", 1.0)]))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+        # SIGHUP goes through the same path (cli.serve installs server.reload_loras_soon as its handler).
+        save_diffusers(tmp_path, "three", *adapters["alpha"])
+        await server.reload_loras_soon()
+        assert [a.name for a in (await stub.ListLoras(pb.ListLorasRequest())).loras] == ["three", "two"]
+        assert await image(stub, [("three", 1.0)]) == one
+    # Failed loads leave no half-injected adapter behind.
+    assert len(engine.transformer.peft_config) == 2
+
+
+async def test_reload_without_a_lora_dir_is_failed_precondition(make_server):
+    server = await make_server()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ImageGenerationServiceStub(channel)
+        assert list((await stub.ListLoras(pb.ListLorasRequest())).loras) == []
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.ReloadLoras(pb.ReloadLorasRequest())
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+# --------------------------------------------------------------------------- engine side
+def run_engine(engine, loras=(), seed=7) -> torch.Tensor:
+    from zimage_server.types import GenerationRequest, ImageFormat, LoraRef
+
+    r = GenerationRequest(request_id="t", prompt="a lighthouse", negative_prompt="", width=64, height=64, steps=2,
+                          guidance_scale=0.0, seed=seed, num_images=1, output_format=ImageFormat.PNG, quality=90,
+                          preview=None, loras=tuple(LoraRef(n, s) for n, s in loras))
+    (slots,) = engine.start([r])
+    while not slots[0].done:
+        engine.step(slots)
+    return slots[0].latents.clone()
+
+
+def test_activate_switches_only_on_change_and_leaves_base_weights_untouched(lora_engine):
+    from zimage_server.engine.lora import AdapterNotLoaded
+    from zimage_server.types import LoraRef
+
+    registry = lora_engine.loras
+    base_weights = {n: p.clone() for n, p in lora_engine.transformer.named_parameters() if ".lora_" not in n}
+    registry.activate(())
+    count = registry.switches
+    assert registry.activate((LoraRef("alpha", 1.0),)) and registry.switches == count + 1
+    assert not registry.activate((LoraRef("alpha", 1.0),)) and registry.switches == count + 1
+    assert registry.activate((LoraRef("alpha", 0.5),)) and registry.switches == count + 2
+    with pytest.raises(AdapterNotLoaded):
+        registry.activate((LoraRef("alpha", 1.0), LoraRef("missing", 1.0)))
+    assert registry.active == (LoraRef("alpha", 0.5),)
+    run_engine(lora_engine, [("alpha", 1.0), ("beta", 2.0)])
+    assert all(torch.equal(p, base_weights[n]) for n, p in lora_engine.transformer.named_parameters()
+               if ".lora_" not in n)
+
+
+def test_slots_with_different_adapters_never_share_a_forward(lora_engine):
+    from zimage_server.types import GenerationRequest, ImageFormat, LoraRef
+
+    def req(loras):
+        return GenerationRequest(request_id="t", prompt="p", negative_prompt="", width=64, height=64, steps=2,
+                                 guidance_scale=0.0, seed=1, num_images=1, output_format=ImageFormat.PNG, quality=90,
+                                 preview=None, loras=loras)
+
+    a, b = lora_engine.start([req(()), req((LoraRef("alpha", 1.0),))])
+    with pytest.raises(ValueError, match="cannot share a forward"):
+        lora_engine.step(a + b)
+
+
+def test_fixed_graph_mode_expresses_the_selection_by_scales_and_gives_the_same_images(lora_engine, lora_dir, adapters):
+    """The --compile mode (all adapters active, unrequested ones at scale 0), run eagerly here: same images,
+    and the adapter set is frozen once compiled."""
+    from zimage_server.config import EngineConfig
+    from zimage_server.engine.engine import ZImageEngine
+    from zimage_server.engine.lora import LoraRegistry
+
+    engine = ZImageEngine.load(EngineConfig(model="tiny"))
+    engine.loras = LoraRegistry(engine.pipe, lora_dir, fixed_graph=True)
+    engine.loras.reload()
+    engine.loras.freeze()
+    for loras in [(), [("alpha", 1.0)], [("beta", 0.5)], [("alpha", 0.5), ("beta", 1.0)], ()]:
+        assert torch.equal(run_engine(engine, loras), run_engine(lora_engine, loras)), loras
+    save_diffusers(lora_dir, "late", *adapters["gamma"])
+    try:
+        report = engine.loras.reload()
+    finally:
+        (lora_dir / "late.safetensors").unlink()
+    assert "late" not in engine.loras.names()
+    assert any(e.startswith("late.safetensors") and "--compile" in e for e in report.errors)
