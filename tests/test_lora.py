@@ -19,7 +19,6 @@ import torch
 from safetensors.torch import save_file
 from zimage.v1 import zimage_pb2 as pb
 from zimage.v1 import zimage_pb2_grpc as pb_grpc
-
 from zimage_client import build_request
 
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # ZImageTransformer2DModel's attention projections

@@ -3,9 +3,9 @@
 - Several addresses (``["10.0.0.1:50051", "10.0.0.2:50051"]``) are used round-robin, one
   channel each; a ``dns:///name:port`` target uses gRPC's own ``round_robin`` policy over
   every address the name resolves to (a Kubernetes headless Service).
-- ``UNAVAILABLE`` is retried with exponential backoff on the next address. Retries are
-  idempotent: the client fixes the request id and the seed before the first try, so a
-  retried request yields the same image.
+- ``UNAVAILABLE`` (and a ``CANCELLED`` the client did not cause) is retried with exponential
+  backoff on the next address. Retries are idempotent: the client fixes the request id and
+  the seed before the first try, so a retried request yields the same image.
 """
 
 from __future__ import annotations
@@ -26,7 +26,11 @@ from zimage.v1 import zimage_pb2_grpc as pb_grpc
 
 FORMATS = {"png": pb.IMAGE_FORMAT_PNG, "jpeg": pb.IMAGE_FORMAT_JPEG, "jpg": pb.IMAGE_FORMAT_JPEG,
            "webp": pb.IMAGE_FORMAT_WEBP}
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
+# UNAVAILABLE: no server there, or it is draining. CANCELLED that this client did not cause (a local cancel
+# raises asyncio.CancelledError in grpc.aio and never reaches the retry loops): a server that shuts down
+# cancels the calls it had received but not yet handed to a handler (grpc/grpc#41785). Both are safe to
+# retry because the request id and the seed are pinned before the first try.
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 

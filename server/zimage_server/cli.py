@@ -48,6 +48,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--warmup-sizes", "engine", "warmup_sizes", "sizes", "WxH,WxH,... shapes to warm at start-up"),
     Option("--max-sequence-length", "engine", "max_sequence_length", "int", "prompt tokens seen by the encoder"),
     Option("--lora-dir", "engine", "lora_dir", "str", "directory of LoRA adapters (*.safetensors)"),
+    Option("--max-loras-per-request", "engine", "max_loras_per_request", "int", "adapters one request may name"),
+    Option("--max-lora-scale", "engine", "max_lora_scale", "float", "largest |scale| of an adapter"),
     Option("--batching", "scheduler", "batching", "str", "request (dynamic batching) | step (continuous)"),
     Option("--max-batch-size", "scheduler", "max_batch_size", "int", "images per transformer forward"),
     Option("--preferred-batch-sizes", "scheduler", "preferred_batch_sizes", "ints", "e.g. 2,4: dispatch at once"),

@@ -64,7 +64,7 @@ def check_combination(config: EngineConfig, device: torch.device) -> None:
     config.validate()  # also refuses quanto + compile (quanto's tensors do not trace)
     if config.quantize != "none":
         if config.quant_backend == "torchao":
-            _check_torchao(config.quantize, device)
+            _check_torchao(config.quantize, device, config.dtype)
         else:
             _require("optimum.quanto", "--quant-backend quanto needs optimum-quanto: pip install optimum-quanto")
     if config.offload and device.type != "cuda":
@@ -87,8 +87,11 @@ def _require(module: str, message: str) -> None:
         raise ConfigError(message) from exc
 
 
-def _check_torchao(kind: str, device: torch.device) -> None:
+def _check_torchao(kind: str, device: torch.device, dtype: str) -> None:
     _require("torchao", "--quant-backend torchao needs the torchao package: pip install torchao")
+    if kind in ("fp8", "int4") and device.type == "cuda" and dtype not in ("auto", "bfloat16", "bf16"):
+        raise ConfigError(f"--quantize {kind} with --quant-backend torchao runs bfloat16 kernels; "
+                          f"use --dtype bfloat16 (got {dtype})")
     if kind == "fp8":
         capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
         if capability is None or capability < TORCHAO_FP8_MIN_CAPABILITY:
@@ -154,9 +157,10 @@ def apply(pipe: ZImagePipeline, config: EngineConfig, device: torch.device) -> A
 
 
 # --------------------------------------------------------------------------- compile
-def compile_models(pipe: ZImagePipeline, config: EngineConfig) -> None:
+def compile_models(pipe: ZImagePipeline, config: EngineConfig, *, prewarm: bool = True) -> None:
     """Regional compilation of the transformer's repeated blocks (and optionally the VAE decoder),
-    then one forward of each graph variant the server can meet, so none compiles under traffic.
+    then (``prewarm``) one call of each graph variant the server can meet, so none compiles under
+    traffic. Benchmarks that run only a few fixed shapes may skip the pre-warm.
 
     Compiling the repeated ``ZImageTransformerBlock`` compiles one block graph reused by every
     layer: far faster to compile than the whole model and, measured on CPU, as fast to run.
@@ -176,21 +180,24 @@ def compile_models(pipe: ZImagePipeline, config: EngineConfig) -> None:
     # a process that loads several configurations (tests, benchmarks) needs more again.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, BLOCK_RECOMPILE_LIMIT)
     transformer.compile_repeated_blocks(fullgraph=True, dynamic=True)
-    prewarm_transformer(transformer)
+    if prewarm:
+        prewarm_transformer(transformer)
     if config.compile_vae:
-        pipe.vae.decoder = torch.compile(pipe.vae.decoder)
-        prewarm_decoder(pipe.vae)
+        pipe.vae.decoder = torch.compile(pipe.vae.decoder, dynamic=True)
+        if prewarm:
+            prewarm_decoder(pipe.vae)
 
 
 @torch.no_grad()  # the engine runs under no_grad, and grad mode is part of dynamo's guards
 def prewarm_transformer(transformer: torch.nn.Module) -> None:
     """Trace every graph variant of the compiled blocks with small random inputs.
 
-    The blocks see ``[batch, tokens, dim]`` plus an optional key mask. Dynamo compiles a
-    static graph first, then (on a changed size) one with dynamic sizes; batch 1 stays
-    specialised. So the variants are: batch 1; batch >= 2 with equal lengths (no mask);
-    batch >= 2 with different lengths (mask) in the image, caption and joint blocks. Once
-    these exist no batch size, resolution or prompt length recompiles (tests/test_accel.py).
+    The blocks see ``[batch, tokens, dim]`` plus a key mask that is None when all lengths in the
+    forward are equal. Sizes are symbolic (dynamic=True) except that a size of 1 is specialised.
+    So each of the three block kinds (image refiner, caption refiner without modulation, joint
+    layers) has three variants: batch 1; batch >= 2 with equal lengths; batch >= 2 with a mask.
+    Once these exist no batch size, resolution, prompt length or guidance recompiles
+    (tests/test_accel.py runs such a workload).
     """
     device, dtype = transformer.device, transformer.dtype
     channels, cap_dim = transformer.config.in_channels, transformer.config.cap_feat_dim
@@ -202,8 +209,8 @@ def prewarm_transformer(transformer: torch.nn.Module) -> None:
     def caption(tokens: int) -> torch.Tensor:
         return torch.randn(tokens, cap_dim, generator=gen).to(device, dtype)
 
-    # Sizes chosen so no two dynamic sizes coincide (dynamo would tie them to one symbol):
-    # 4x4 and 8x12 latent patches, captions of 1 and 2 padding buckets (32 tokens each).
+    # Latents of 4x4 and 8x12 patches, captions of 1 and 2 padding buckets (32 tokens each),
+    # so that lengths differ where a mask is wanted; the batch of 3 checks batch 2 is not special.
     forwards = [
         ([latents(8, 8)], [caption(20)]),
         ([latents(8, 8), latents(8, 8)], [caption(20), caption(20)]),
@@ -217,9 +224,13 @@ def prewarm_transformer(transformer: torch.nn.Module) -> None:
 
 @torch.no_grad()
 def prewarm_decoder(vae: torch.nn.Module) -> None:
-    """Trace the compiled decoder at batch 1 and 2 and two non-square sizes, so sizes go dynamic now."""
+    """Trace the compiled decoder's variants: batch 1 and n; square and non-square latents (equal
+    sizes share one symbol at trace time, so a square trace covers only square shapes); and, on the
+    CPU, small and large grids, because the conv backend picked at trace time depends on the size
+    (a guard like ``32*H*W <= 20480``). On CUDA the extra sizes meet existing graphs and are cheap.
+    """
     channels = vae.config.latent_channels
-    for h, w in ((8, 12), (12, 8)):
+    for h, w in ((8, 8), (8, 12), (32, 32), (32, 48)):
         for batch in (1, 2):
             vae.decode(torch.zeros(batch, channels, h, w, device=vae.device, dtype=vae.dtype), return_dict=False)
 
@@ -304,16 +315,25 @@ def _quantize_quanto(module: torch.nn.Module, config: EngineConfig, name: str) -
 
 
 def _quantize_torchao(module: torch.nn.Module, kind: str) -> None:
-    from torchao.quantization import Float8WeightOnlyConfig, Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    """int8: weight-only, one scale per output row (any device). fp8: float8 weights and dynamically
+    quantized float8 activations, per row, so the matmuls run on float8 tensor cores (sm 8.9+).
+    int4: weight-only, groups of 128, tinygemm's packed layout (CUDA, bfloat16); torchao leaves
+    layers whose width is not a multiple of the group as they are."""
+    from torchao.quantization import (
+        Float8DynamicActivationFloat8WeightConfig,
+        Int4WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        PerRow,
+        quantize_,
+    )
 
     if kind == "int4":
-        # int4 packs groups of 128 input features; a layer narrower than that stays as it is.
-        quantize_(module, Int4WeightOnlyConfig(group_size=128),
-                  filter_fn=lambda m, _: isinstance(m, torch.nn.Linear) and m.in_features % 128 == 0)
+        config = Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
     elif kind == "fp8":
-        quantize_(module, Float8WeightOnlyConfig())
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     else:
-        quantize_(module, Int8WeightOnlyConfig())
+        config = Int8WeightOnlyConfig()
+    quantize_(module, config)
 
 
 # --------------------------------------------------------------------------- accounting

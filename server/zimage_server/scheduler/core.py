@@ -160,6 +160,7 @@ class Scheduler:
         self._queue: list[RequestState] = []
         self._running: list[RequestState] = []
         self._finishing: list[RequestState] = []  # decoded, output encoding in the pool
+        self._admitting: list[RequestState] = []  # out of the queue, not yet running: being text-encoded
         self._seq = itertools.count()
         self._tick = itertools.count(1)
         self._last_tick: dict[int, int] = {}
@@ -208,6 +209,9 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for state in self._admitting:  # the loop was stopped while it text-encoded this batch
+            self._finish(state, RequestStatus.FINISHED_REJECTED, ShuttingDown("server shut down while the request ran"))
+        self._admitting = []
         for state in list(self._running):
             self._running.remove(state)
             self._finish(state, RequestStatus.FINISHED_REJECTED, ShuttingDown("server shut down while the request ran"))
@@ -368,6 +372,9 @@ class Scheduler:
                 for state in list(self._running):
                     self._running.remove(state)
                     self._finish(state, RequestStatus.FINISHED_FAILED, EngineFailure(state.request_id, "scheduling"))
+                for state in self._admitting:
+                    self._finish(state, RequestStatus.FINISHED_FAILED, EngineFailure(state.request_id, "scheduling"))
+                self._admitting = []
                 self._update_gauges()
 
     async def _form_request_batch(self) -> list[RequestState]:
@@ -453,7 +460,8 @@ class Scheduler:
             for ref in state.request.loras:  # names the transport checked against the loaded adapters
                 self.metrics.adapter_requests.labels(adapter=ref.name).inc()
         self._publish_positions()
-        self._update_gauges(extra_running=len(batch))
+        self._admitting = list(batch)
+        self._update_gauges()
         started = self._clock()
         try:
             slot_lists = await self._run_engine(self.engine.start, [s.request for s in batch])
@@ -474,6 +482,7 @@ class Scheduler:
             state.batch_size = group_images if self.config.batching == "step" else sum(s.images for s, _ in pairs)
             state.emit(Started(batch_size=state.batch_size, queue_s=state.started_at - state.arrival,
                                elapsed_s=self._clock() - state.arrival))
+        self._admitting = []
         self._update_gauges()
 
     async def _isolate(
@@ -725,7 +734,7 @@ class Scheduler:
 
     def _update_gauges(self, extra_running: int = 0) -> None:
         self.metrics.queue_depth.set(len(self._queue))
-        busy = len(self._running) + len(self._finishing) + extra_running
+        busy = len(self._running) + len(self._finishing) + len(self._admitting) + extra_running
         self.metrics.running.set(busy)
         if self._queue or busy:
             self._idle.clear()
