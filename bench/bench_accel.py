@@ -5,7 +5,8 @@ compile and pre-warm included), runs the server's warm-up (``engine.warmup`` at 
 batches 1 and 2), then measures:
 
 - start-up: load (incl. quantization, compilation and pre-warm) + warm-up, seconds;
-- steady step time at batch 1 and 4: median of ``--repeats`` transformer steps after one untimed step;
+- steady step time at batch 1 and 4: median of ``--repeats`` transformer steps after one untimed step,
+  timed in rounds across all configurations (all stay loaded) so drifting load hits each alike;
 - transformer weight memory (bytes as stored; quantized tensors count data + scales);
 - PSNR of the finished images against the eager float reference, same prompts and seeds
   (``--steps`` steps + VAE decode; one image per seed).
@@ -106,47 +107,52 @@ def main(argv: list[str] | None = None) -> None:
             out.extend(engine.decode(slots))
         return out
 
-    def step_times_ms(engine: ZImageEngine, batch: int) -> list[float]:
-        (slots,) = engine.start([request(0, batch, args.repeats + 1)])
-        engine.step(slots)  # untimed: first call at this batch size
-        times = []
-        for _ in range(args.repeats):
-            started = time.perf_counter()
-            engine.step(slots)
-            times.append((time.perf_counter() - started) * 1000)
-        return times
-
     def psnr(a: np.ndarray, b: np.ndarray) -> float:
         mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
         return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
     names = args.configs.split(",")
     order = ["eager"] + [n for n in names if n != "eager"]  # the reference images come first
-    reference: list[np.ndarray] = []
-    points: list[AccelPoint] = []
-    for name in order:
+    engines: dict[str, ZImageEngine] = {}
+    startup: dict[str, tuple[float, float]] = {}
+    pictures: dict[str, list[np.ndarray]] = {}
+    for name in order:  # start-up is timed one configuration after the other
         config = EngineConfig(model=args.preset, device=args.device, **CONFIGS[name])  # type: ignore[arg-type]
         started = time.monotonic()
         engine = ZImageEngine.load(config)
         load_s = time.monotonic() - started
-        warmup_s = engine.warmup([(args.size, args.size)], [1, 2])
-        b1, b4 = step_times_ms(engine, 1), step_times_ms(engine, 4)
-        pictures = images(engine)
-        if name == "eager":
-            reference = pictures
-        diffs = [psnr(a, b) for a, b in zip(pictures, reference, strict=True)]
-        point = AccelPoint(
-            config=name, load_s=load_s, warmup_s=warmup_s, startup_s=load_s + warmup_s,
+        startup[name] = (load_s, engine.warmup([(args.size, args.size)], [1, 2]))
+        pictures[name] = images(engine)
+        engines[name] = engine
+        print(f"{name}: load {load_s:.1f} s, warm-up {startup[name][1]:.1f} s", file=sys.stderr, flush=True)
+
+    # Steady steps are timed in rounds, one step of every configuration per round, so that other
+    # load on the shared machine falls on all configurations alike.
+    step_ms: dict[tuple[str, int], list[float]] = {}
+    for batch in (1, 4):
+        slots = {name: engine.start([request(0, batch, args.repeats + 1)])[0] for name, engine in engines.items()}
+        for name, engine in engines.items():
+            engine.step(slots[name])  # untimed: the first call at this batch size
+        for _ in range(args.repeats):
+            for name, engine in engines.items():
+                started = time.perf_counter()
+                engine.step(slots[name])
+                step_ms.setdefault((name, batch), []).append((time.perf_counter() - started) * 1000)
+
+    reference = pictures["eager"]
+    points: list[AccelPoint] = []
+    for name in names:
+        ours = pictures[name]
+        pairs = list(zip(ours, reference, strict=True))
+        b1, b4 = step_ms[(name, 1)], step_ms[(name, 4)]
+        points.append(AccelPoint(
+            config=name, load_s=startup[name][0], warmup_s=startup[name][1], startup_s=sum(startup[name]),
             step_ms_b1=statistics.median(b1), step_ms_b4=statistics.median(b4), step_ms_b1_min=min(b1),
-            step_ms_b4_min=min(b4), transformer_weight_bytes=accel.weight_bytes(engine.transformer),
-            psnr_db=None if name == "eager" else statistics.mean(diffs),
-            max_abs_diff=None if name == "eager" else int(max(
-                np.abs(a.astype(int) - b.astype(int)).max() for a, b in zip(pictures, reference, strict=True))),
-        )
-        print(f"{name}: {point}", file=sys.stderr, flush=True)
-        if name in names:
-            points.append(point)
-        del engine
+            step_ms_b4_min=min(b4), transformer_weight_bytes=accel.weight_bytes(engines[name].transformer),
+            psnr_db=None if name == "eager" else statistics.mean(psnr(a, b) for a, b in pairs),
+            max_abs_diff=None if name == "eager" else int(max(np.abs(a.astype(int) - b.astype(int)).max()
+                                                             for a, b in pairs)),
+        ))
 
     print_table(points, args)
     out = pathlib.Path(args.out) if args.out else RESULTS_DIR / f"accel-{args.preset}.json"

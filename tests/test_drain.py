@@ -26,8 +26,8 @@ from zimage_client import build_request
 
 BIN = pathlib.Path(sys.executable).parent
 # Long enough on the tiny preset (~50 ms a step at 512 px here) to signal mid-flight.
-LONG = dict(width=512, height=512, steps=48, seed=7)
-QUEUED = dict(width=256, height=256, steps=4, seed=8)  # another shape: waits for the running batch
+LONG = {"width": 512, "height": 512, "steps": 48, "seed": 7}
+QUEUED = {"width": 256, "height": 256, "steps": 4, "seed": 8}  # another shape: waits for the running batch
 
 
 def start_server(port: int, drain_timeout_s: float, log: pathlib.Path) -> subprocess.Popen:

@@ -2,7 +2,8 @@
 
 Part 1, engine faults (fake engine, milliseconds): an error of any kind, raised in any stage, ends
 only the request that caused it; an error named ``OutOfMemoryError`` (torch's) splits the batch and
-lowers the batch cap; with the tiny engine, a real ``torch.OutOfMemoryError`` does the same.
+lowers the batch cap; with the tiny engine, a real ``torch.OutOfMemoryError`` does the same; and
+closing the scheduler never strands a batch that is being text-encoded.
 
 Part 2, load and fault: a real ``zimage-server`` process (tiny preset) takes rounds of requests from
 32 concurrent clients, mixing Generate and StreamProgress, with ~20% cancelled mid-flight, 10% with
@@ -96,7 +97,8 @@ async def test_a_fault_of_any_kind_is_isolated_to_its_request(exc_type, stage):
 
 
 @pytest.mark.parametrize("stage", ["encode", "step", "decode"])
-@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt, asyncio.CancelledError], ids=lambda e: e.__name__)
+@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt, asyncio.CancelledError],
+                         ids=lambda e: e.__name__)
 async def test_an_engine_that_always_fails_never_leaves_requests_hanging(exc_type, stage):
     engine = FaultyEngine(exc_type)
     engine.fail_all.add(stage)
@@ -170,6 +172,36 @@ async def test_torch_out_of_memory_in_the_real_engine_splits_the_batch(make_serv
     assert np.abs(png(out[3].images[0].data) - png(alone.images[0].data)).max() <= 1
 
 
+async def test_close_waits_for_a_batch_being_admitted_and_never_strands_it():
+    """A batch whose text encoding is under way is neither queued nor running: close() must still drain it."""
+    engine = FakeEngine()
+    start = engine.start
+    entered = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def slow_start(requests):
+        loop.call_soon_threadsafe(entered.set)
+        time.sleep(0.3)
+        return start(requests)
+
+    engine.start = slow_start
+    sched = Scheduler(engine, SchedulerConfig(max_batch_size=4, max_queue_delay_ms=0), Metrics())
+    sched.start()
+    handle = sched.submit(req("admitting"))
+    await asyncio.wait_for(entered.wait(), 5)
+    await asyncio.wait_for(sched.close(grace_s=5), 10)
+    assert (await gather_all([handle]))[0].images  # drained within the grace period
+    # With no grace, it ends with a definite status instead of hanging.
+    sched = Scheduler(engine, SchedulerConfig(max_batch_size=4, max_queue_delay_ms=0), Metrics())
+    sched.start()
+    entered.clear()
+    handle = sched.submit(req("admitting"))
+    await asyncio.wait_for(entered.wait(), 5)
+    await asyncio.wait_for(sched.close(grace_s=0), 10)
+    (out,) = await gather_all([handle])
+    assert isinstance(out, ShuttingDown) or out.images, out
+
+
 # ============================================================================ part 2: load and fault
 BIN = pathlib.Path(sys.executable).parent
 CLIENTS = 32
@@ -181,7 +213,7 @@ OK_SHAPES = ((64, 64, 1), (64, 64, 2), (128, 64, 2))  # width, height, steps: fa
 SLOW_SHAPE = (128, 128, 8)  # for requests that must still be in flight when cancelled or timed out
 ALLOWED = {"ok": {"OK"}, "cancel": {"CANCELLED", "OK"}, "deadline": {"DEADLINE_EXCEEDED"},
            "invalid": {"INVALID_ARGUMENT"}}
-RETRY = dict(retries=40, backoff_s=0.25, max_backoff_s=2.0)  # covers a restart of ~30-60 s on a busy machine
+RETRY = {"retries": 40, "backoff_s": 0.25, "max_backoff_s": 2.0}  # covers a restart of ~30-60 s on a busy machine
 RSS_GROWTH_LIMIT_BYTES = 48 * 1024 * 1024
 
 
@@ -468,12 +500,10 @@ async def test_load_with_cancels_deadlines_invalid_requests_and_a_restart(tmp_pa
     with capsys.disabled():
         print(f"\n\nload and fault test: {CLIENTS} clients, {sum(map(len, rounds.values()))} requests, "
               f"{time.monotonic() - started:.0f} s (server log: {log})\n" + summary_table(rounds, notes) + "\n")
-        for name, outcomes in rounds.items():
-            for o in outcomes:
-                if o.code not in ALLOWED[o.job.kind]:
-                    print(f"unexpected: {o.job.request.request_id} {o.job.rpc} -> {o.code} ({o.detail}) after {o.seconds:.3f} s, "
-                          f"sent {o.started - sigterm_at:+.3f} s from SIGTERM, {o.started - down_at:+.3f} s from exit, "
-                          f"{o.started - up_at:+.3f} s from SERVING again")
+        for o in (o for outcomes in rounds.values() for o in outcomes if o.code not in ALLOWED[o.job.kind]):
+            print(f"unexpected: {o.job.request.request_id} {o.job.rpc} -> {o.code} ({o.detail}) after "
+                  f"{o.seconds:.3f} s, sent {o.started - sigterm_at:+.3f} s from SIGTERM, "
+                  f"{o.started - down_at:+.3f} s from the exit, {o.started - up_at:+.3f} s from SERVING again")
 
     # Every request is accounted for, with the status its kind calls for.
     unavailable = []
@@ -505,33 +535,3 @@ async def test_load_with_cancels_deadlines_invalid_requests_and_a_restart(tmp_pa
 
     # Memory does not grow across rounds of the same workload on the same process.
     assert max(rss[1:]) - rss[0] < RSS_GROWTH_LIMIT_BYTES, [f"{x / 2**20:.1f} MiB" for x in rss]
-
-
-async def test_close_waits_for_a_batch_being_admitted_and_never_strands_it():
-    """A batch whose text encoding is under way is neither queued nor running: close() must still drain it."""
-    engine = FakeEngine()
-    start = engine.start
-    entered = asyncio.Event()
-    loop = asyncio.get_running_loop()
-
-    def slow_start(requests):
-        loop.call_soon_threadsafe(entered.set)
-        time.sleep(0.3)
-        return start(requests)
-
-    engine.start = slow_start
-    sched = Scheduler(engine, SchedulerConfig(max_batch_size=4, max_queue_delay_ms=0), Metrics())
-    sched.start()
-    handle = sched.submit(req("admitting"))
-    await asyncio.wait_for(entered.wait(), 5)
-    await asyncio.wait_for(sched.close(grace_s=5), 10)
-    assert (await gather_all([handle]))[0].images  # drained within the grace period
-    # With no grace, it ends with a definite status instead of hanging.
-    sched = Scheduler(engine, SchedulerConfig(max_batch_size=4, max_queue_delay_ms=0), Metrics())
-    sched.start()
-    entered.clear()
-    handle = sched.submit(req("admitting"))
-    await asyncio.wait_for(entered.wait(), 5)
-    await asyncio.wait_for(sched.close(grace_s=0), 10)
-    (out,) = await gather_all([handle])
-    assert isinstance(out, ShuttingDown) or out.images, out

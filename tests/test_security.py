@@ -28,7 +28,7 @@ from zimage_server.cli import config_from_args
 
 BIN = pathlib.Path(sys.executable).parent
 TOKEN = "s3cret-token-for-tests"
-SMALL = dict(width=64, height=64, steps=1, seed=3)
+SMALL = {"width": 64, "height": 64, "steps": 1, "seed": 3}
 
 
 # ---------------------------------------------------------------------------- certificates

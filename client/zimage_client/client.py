@@ -156,6 +156,8 @@ def _channel_options(target: str) -> list[tuple[str, object]]:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", 16 * 1024 * 1024),
         ("grpc.keepalive_time_ms", 30_000),
+        # Reconnect to a restarted server within a couple of seconds, not gRPC's default two minutes.
+        ("grpc.max_reconnect_backoff_ms", 2_000),
     ]
     if target.startswith("dns:"):
         options.append(("grpc.lb_policy_name", "round_robin"))

@@ -70,6 +70,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("--max-prompt-chars", "server", "max_prompt_chars", "int", "longest prompt accepted"),
     Option("--max-steps", "server", "max_steps", "int", "most denoising steps per request"),
     Option("--max-concurrent-streams", "server", "max_concurrent_streams", "int", "HTTP/2 streams per connection"),
+    Option("--max-num-images", "server", "max_num_images", "int", "most images per request"),
+    Option("--max-guidance-scale", "server", "max_guidance_scale", "float", "largest guidance_scale accepted"),
+    Option("--max-receive-message-bytes", "server", "max_receive_message_bytes", "int", "largest request message"),
+    Option("--max-send-message-bytes", "server", "max_send_message_bytes", "int", "largest response message"),
+    Option("--keepalive-time-s", "server", "keepalive_time_s", "float", "HTTP/2 keepalive ping interval"),
+    Option("--keepalive-timeout-s", "server", "keepalive_timeout_s", "float", "keepalive ping ack timeout"),
+    Option("--max-connection-age-s", "server", "max_connection_age_s", "float",
+           "recycle connections so clients rediscover replicas"),
     Option("--log-format", "server", "log_format", "str", "text | json"),
     Option("--log-level", "server", "log_level", "str", "DEBUG | INFO | WARNING | ERROR"),
     Option("--log-prompts", "server", "log_prompts", "bool", "include prompts in request logs"),
@@ -166,6 +174,15 @@ async def serve(config: ServerConfig) -> int:
 
     # Fail fast, before binding ports, on combinations that cannot work here.
     accel.check_combination(config.engine, resolve_device(config.engine.device))
+    if config.auth_token_file:
+        from .transport.interceptors import load_token
+
+        try:
+            load_token(config.auth_token_file)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        except OSError as exc:
+            raise ConfigError(f"--auth-token-file: {exc}") from exc
     server = ZImageServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
