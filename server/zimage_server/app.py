@@ -150,7 +150,8 @@ class ZImageServer:
         warm_s = self.engine.warmup(sizes, batches)
         self.metrics.warmup.set(warm_s)
         if self.config.engine.compile:
-            self.metrics.compile.set(warm_s)
+            # Compilation happens at load (pre-warm of every block variant) and at the warm-up's first shapes.
+            self.metrics.compile.set(desc.compile_s + warm_s)
         self._warm_step_s = getattr(self.engine, "last_step_s", 0.0)
         if self.config.scheduler.batching == "step" and self.config.scheduler.mix_resolutions == "auto":
             self._mix_table = self.engine.calibrate_mixing(sizes) if len(sizes) > 1 else {}

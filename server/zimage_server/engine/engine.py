@@ -59,6 +59,7 @@ class ModelDescription:
     compiled: bool
     attention_backend: str
     offload: bool
+    compile_s: float = 0.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -144,17 +145,18 @@ class ZImageEngine:
         if config.lora_dir:
             # Adapters go in after quantization (PEFT wraps the quantized layers; the adapters stay in full
             # precision) and before compile (the compiled graph then contains their layers; see engine.lora).
-            accel.apply(pipe, dataclasses.replace(config, compile=False), device)
+            report = accel.apply(pipe, dataclasses.replace(config, compile=False), device)
             loras = LoraRegistry(pipe, config.lora_dir, fixed_graph=config.compile)
             loras.reload()
             if config.compile:
                 started = time.monotonic()
                 accel.compile_models(pipe, config)
                 loras.freeze()
+                report = dataclasses.replace(report, compile_s=time.monotonic() - started)
                 log.info("compiled (with %d LoRA adapters) and pre-warmed in %.1f s",
-                         len(loras.names()), time.monotonic() - started)
+                         len(loras.names()), report.compile_s)
         else:
-            accel.apply(pipe, config, device)
+            report = accel.apply(pipe, config, device)
         transformer = pipe.transformer
         description = ModelDescription(
             model_id=config.model,
@@ -173,6 +175,7 @@ class ZImageEngine:
             compiled=config.compile,
             attention_backend=config.attention,
             offload=config.offload,
+            compile_s=report.compile_s,
         )
         return cls(pipe, config, description, loras)
 
