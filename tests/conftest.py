@@ -43,6 +43,8 @@ async def make_server(tiny_engine):
     async def factory(*, engine=None, metrics=False, **overrides):
         scheduler_fields = {f.name for f in dataclasses.fields(SchedulerConfig)}
         sched = {k: v for k, v in overrides.items() if k in scheduler_fields}
+        # Tests name the mode they exercise; request-level batching unless they ask for step.
+        sched.setdefault("batching", "request")
         server_kw = {k: v for k, v in overrides.items() if k not in scheduler_fields}
         config = ServerConfig(
             scheduler=SchedulerConfig(**sched), host="127.0.0.1", port=0,

@@ -25,6 +25,7 @@ def req(rid: str, *, w: int = 64, h: int = 64, steps: int = 4, n: int = 1, prior
 
 
 def make(engine: FakeEngine, **cfg) -> Scheduler:
+    cfg.setdefault("batching", "request")  # tests name the mode they exercise
     sched = Scheduler(engine, SchedulerConfig(**cfg), Metrics())
     sched.start()
     return sched
@@ -195,8 +196,8 @@ async def test_client_deadline_is_honoured_while_queued():
 
 async def test_request_that_cannot_finish_in_time_is_rejected_early():
     engine = FakeEngine(step_s=0.05)
-    sched = Scheduler(engine, SchedulerConfig(max_batch_size=1, max_queue_delay_ms=0), Metrics(),
-                      estimated_step_s=0.05)
+    sched = Scheduler(engine, SchedulerConfig(batching="request", max_batch_size=1, max_queue_delay_ms=0),
+                      Metrics(), estimated_step_s=0.05)
     sched.start()
     # 4 steps x 50 ms = 200 ms of work cannot fit in 100 ms: rejected at admission without using the model.
     with pytest.raises(DeadlineExceeded):
@@ -256,7 +257,7 @@ async def test_failure_is_isolated_to_the_request_that_caused_it(stage):
     engine = FakeEngine()
     engine.fail[stage].add("bad")
     metrics = Metrics()
-    sched = Scheduler(engine, SchedulerConfig(max_batch_size=4, max_queue_delay_ms=30), metrics)
+    sched = Scheduler(engine, SchedulerConfig(batching="request", max_batch_size=4, max_queue_delay_ms=30), metrics)
     sched.start()
     out = await results(sched.submit(req("good1")), sched.submit(req("bad")), sched.submit(req("good2")))
     assert isinstance(out[1], EngineFailure) and out[1].request_id == "bad" and out[1].stage == stage

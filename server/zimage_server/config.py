@@ -51,7 +51,9 @@ class EngineConfig:
 class SchedulerConfig:
     """Batching policy and queue limits."""
 
-    batching: str = "request"  # request | step
+    # step-level continuous batching is the default: never lower throughput and lower latency in every
+    # measurement of docs/benchmarks.md (issues 3 and 4).
+    batching: str = "step"  # request | step
     max_batch_size: int = 4
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_ms: float = 10.0

@@ -360,6 +360,8 @@ class Scheduler:
                         await self._admit(batch)
                 if self._running:
                     await self._step_once()
+                elif self.config.batching == "step" and batch:
+                    continue  # admitted requests all failed to start: admit the next ones
                 else:
                     # Nothing runs and nothing could be admitted (e.g. a waiting request larger than the cap
                     # while others run): wait for a change instead of spinning.

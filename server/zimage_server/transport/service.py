@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import grpc
 from zimage.v1 import zimage_pb2 as pb
@@ -14,7 +14,7 @@ from zimage.v1 import zimage_pb2_grpc as pb_grpc
 from ..errors import InvalidRequest, NotFound, NotReady, QueueFull, ShuttingDown, ZImageError
 from ..metrics import Metrics
 from ..scheduler import Scheduler
-from ..types import Completed, GenerationRequest
+from ..types import Completed, GenerationRequest, GenerationResult
 from .codec import Limits, decode_request, encode_event, encode_result
 from .errors import status_for
 
@@ -124,54 +124,30 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
         log.info("request finished", extra={"fields": record})
 
     # ------------------------------------------------------------------ RPCs
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        rpc, started = "Generate", self._clock()
-        domain: GenerationRequest | None = None
-        handle = None
-        try:
-            domain = self._decode(request, rpc)
-            handle = self._ready_scheduler().submit(domain, self._client_deadline(context))
-            result = await handle.result()
-        except ZImageError as exc:
-            code, _ = status_for(exc)
-            self._log(rpc, domain, code, started, error=exc)
-            self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
-            await self._abort(context, rpc, exc)
-            raise AssertionError("unreachable")  # abort raises
-        except asyncio.CancelledError:
-            if handle is not None:
-                handle.cancel()
-            self._count(rpc, grpc.StatusCode.CANCELLED)
-            self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
-            self._log(rpc, domain, grpc.StatusCode.CANCELLED, started)
-            raise
-        self._count(rpc, grpc.StatusCode.OK)
-        self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
-        self._log(rpc, domain, grpc.StatusCode.OK, started, result=result)
-        return encode_result(result)
+    async def _serve(self, rpc: str, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+                     on_event: Callable[[GenerationRequest, object], Awaitable[None]]) -> GenerationResult:
+        """Decode, queue and follow one generation, handing each event to ``on_event``.
 
-    async def StreamProgress(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
-        rpc, started = "StreamProgress", self._clock()
+        Every exit is counted, timed and logged once: OK, a domain error (aborts the call with its
+        status) or the client's cancellation (frees the request's slot, then re-raises).
+        """
+        started = self._clock()
         domain: GenerationRequest | None = None
         handle = None
-        result = None
+        result: GenerationResult | None = None
         try:
             domain = self._decode(request, rpc)
             handle = self._ready_scheduler().submit(domain, self._client_deadline(context))
             async for event in handle.events():
+                await on_event(domain, event)
                 if isinstance(event, Completed):
                     result = event.result
-                    await context.write(pb.ProgressEvent(request_id=domain.request_id,
-                                                         elapsed_seconds=event.elapsed_s,
-                                                         completed=encode_result(event.result)))
-                else:
-                    await context.write(encode_event(domain.request_id, event))
         except ZImageError as exc:
             code, _ = status_for(exc)
             self._log(rpc, domain, code, started, error=exc)
             self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
             await self._abort(context, rpc, exc)
-            return
+            raise AssertionError("unreachable: abort raises") from exc
         except asyncio.CancelledError:
             if handle is not None:
                 handle.cancel()
@@ -179,9 +155,27 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
             self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
             self._log(rpc, domain, grpc.StatusCode.CANCELLED, started)
             raise
+        assert result is not None
         self._count(rpc, grpc.StatusCode.OK)
         self._metrics.request_duration.labels(rpc=rpc).observe(self._clock() - started)
         self._log(rpc, domain, grpc.StatusCode.OK, started, result=result)
+        return result
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
+        async def ignore(domain: GenerationRequest, event: object) -> None:
+            return None
+
+        return encode_result(await self._serve("Generate", request, context, ignore))
+
+    async def StreamProgress(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        async def write(domain: GenerationRequest, event: object) -> None:
+            if isinstance(event, Completed):
+                await context.write(pb.ProgressEvent(request_id=domain.request_id, elapsed_seconds=event.elapsed_s,
+                                                     completed=encode_result(event.result)))
+            else:
+                await context.write(encode_event(domain.request_id, event))
+
+        await self._serve("StreamProgress", request, context, write)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.GetModelInfoResponse:
         if self._model_info is None:
