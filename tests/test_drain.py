@@ -27,13 +27,14 @@ from zimage_client import build_request
 BIN = pathlib.Path(sys.executable).parent
 # Long enough on the tiny preset (~50 ms a step at 512 px here) to signal mid-flight.
 LONG = {"width": 512, "height": 512, "steps": 48, "seed": 7}
-QUEUED = {"width": 256, "height": 256, "steps": 4, "seed": 8}  # another shape: waits for the running batch
+QUEUED = {"width": 256, "height": 256, "steps": 4, "seed": 8}  # waits: the running set holds one image
 
 
 def start_server(port: int, drain_timeout_s: float, log: pathlib.Path) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "zimage-server"), "--model", "tiny", "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", "0", "--drain-timeout-s", str(drain_timeout_s), "--warmup-sizes", "64x64"],
+         "--metrics-port", "0", "--drain-timeout-s", str(drain_timeout_s), "--warmup-sizes", "64x64",
+         "--max-batch-size", "1"],
         stdout=log.open("wb"), stderr=subprocess.STDOUT,
     )
 
