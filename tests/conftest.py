@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import socket
 import sys
-import pathlib
 
 import pytest
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import collections
-import io
 import concurrent.futures
+import io
 import pathlib
 import subprocess
 import sys
@@ -13,9 +13,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import free_port
-
+from PIL import Image
 from zimage_client import ZImageClient
 
 BIN = pathlib.Path(sys.executable).parent

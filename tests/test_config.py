@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from zimage_server.cli import config_from_args
 from zimage_server.config import ConfigError
 

@@ -21,7 +21,6 @@ from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from zimage.v1 import zimage_pb2_grpc as pb_grpc
-
 from zimage_client import build_request
 
 BIN = pathlib.Path(sys.executable).parent

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from zimage_server.engine.engine import pipeline_kwargs
 from zimage_server.types import GenerationRequest, ImageFormat
 
@@ -86,7 +85,6 @@ def test_previews_only_where_asked_and_at_latent_resolution(tiny_engine):
 
 def test_presets_are_deterministic():
     import torch
-
     from zimage_server.engine.presets import build_preset
 
     a = build_preset("tiny", torch.device("cpu"), torch.float32)

@@ -39,7 +39,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from zimage.v1 import zimage_pb2 as pb
-
 from zimage_client import AsyncZImageClient, GenerateResult, build_request
 from zimage_server.config import SchedulerConfig
 from zimage_server.errors import EngineFailure, ShuttingDown

@@ -12,7 +12,6 @@ import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from zimage.v1 import zimage_pb2_grpc as pb_grpc
-
 from zimage_client import build_request
 
 

@@ -7,7 +7,6 @@ import threading
 
 import pytest
 from fakes import FakeEngine
-
 from zimage_server.config import SchedulerConfig
 from zimage_server.errors import Cancelled, DeadlineExceeded, EngineFailure, QueueFull, ShuttingDown
 from zimage_server.metrics import Metrics

@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from zimage.v1 import zimage_pb2_grpc as pb_grpc
-
 from zimage_client import AsyncZImageClient, build_request
 from zimage_server.cli import config_from_args
 

@@ -15,7 +15,6 @@ from grpc_status import rpc_status
 from PIL import Image
 from zimage.v1 import zimage_pb2 as pb
 from zimage.v1 import zimage_pb2_grpc as pb_grpc
-
 from zimage_client import AsyncZImageClient, build_request
 
 

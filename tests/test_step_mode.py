@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from zimage.v1 import zimage_pb2_grpc as pb_grpc
-
 from zimage_client import build_request
 from zimage_server.engine.engine import pipeline_kwargs
 from zimage_server.types import GenerationRequest, ImageFormat

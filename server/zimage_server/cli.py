@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 import sys
-import tomllib
 from collections.abc import Sequence
 from typing import Any
+
+import tomllib
 
 from . import __version__, logs
 from .config import ConfigError, EngineConfig, SchedulerConfig, ServerConfig
@@ -168,7 +169,6 @@ def config_from_args(argv: Sequence[str] | None = None, environ: dict[str, str] 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code."""
     from .app import ZImageServer
-
     from .engine import accel
     from .engine.engine import resolve_device
 
