@@ -278,9 +278,12 @@ async def test_out_of_memory_halves_the_batch_cap():
 
     engine.step = step
     sched = make(engine, max_batch_size=4, max_queue_delay_ms=30)
-    out = await results(*(sched.submit(req(f"r{i}")) for i in range(4)))
+    out = await results(*(sched.submit(req(f"r{i}", steps=6)) for i in range(4)))
     assert all(r.images for r in out)
     assert sched.batch_cap == 2
+    # one out-of-memory, then the running batch takes turns in forwards of at most 2 images
+    assert sched.metrics.engine_failures.labels(kind="out_of_memory")._value.get() == 1
+    assert max(engine.forward_sizes) <= 2
     await sched.close()
 
 

@@ -548,10 +548,13 @@ class Scheduler:
         Request mode: the whole running batch. Step mode: the group (BatchKey without steps) of the
         least recently stepped request, plus, when mixing resolutions pays off (mix policy / measured
         table), the other groups, all within ``max_tokens_per_step`` (padded tokens when mixed).
+        In both modes a forward holds at most the batch cap in images: after an out-of-memory error
+        lowers the cap, the requests already running take turns in smaller forwards instead of
+        failing and being split again at every step.
         """
-        if self.config.batching == "request":
-            return list(self._running)
         ordered = sorted(self._running, key=lambda s: (self._state_tick(s), -s.request.priority, s.seq))
+        if self.config.batching == "request":
+            return self._within_cap(ordered)
         first_key = ordered[0].request.key(with_steps=False)
         groups: dict[BatchKey, list[RequestState]] = collections.OrderedDict()
         for state in ordered:
@@ -569,6 +572,17 @@ class Scheduler:
             if chosen and budget and self._forward_tokens(trial, padded=mix) > budget:
                 continue
             chosen.append(state)
+        return self._within_cap(chosen)
+
+    def _within_cap(self, states: list[RequestState]) -> list[RequestState]:
+        """The leading states whose images fit the batch cap (always at least one)."""
+        chosen: list[RequestState] = []
+        images = 0
+        for state in states:
+            if chosen and images + state.images > self._cap:
+                continue
+            chosen.append(state)
+            images += state.images
         return chosen
 
     def _state_tick(self, state: RequestState) -> int:
