@@ -58,6 +58,8 @@ class ZImageServer:
         self.ready = asyncio.Event()
         self.load_error: BaseException | None = None
         self._recompiles_seen = 0
+        self._warm_step_s = 0.0  # one steady step at warm-up: the scheduler's first service-time estimate
+        self._mix_table: dict[frozenset[int], bool] = {}  # step mode: measured mixing decisions
         self.lora_catalog: EngineLoraCatalog | None = None
         self._lora_reloads: set[asyncio.Task[None]] = set()
 
@@ -119,8 +121,7 @@ class ZImageServer:
             log.error("model failed to load: %s", exc)
             return
         scheduler = Scheduler(self.engine, self.config.scheduler, self.metrics,
-                              estimated_step_s=getattr(self, "_warm_step_s", 0.0),
-                              mix_table=getattr(self, "_mix_table", None))
+                              estimated_step_s=self._warm_step_s, mix_table=self._mix_table)
         scheduler.start()
         self.scheduler = scheduler
         registry = getattr(self.engine, "loras", None)  # None without --lora-dir (and on fake engines)
