@@ -168,8 +168,12 @@ def config_from_args(argv: Sequence[str] | None = None, environ: dict[str, str] 
 
 async def serve(config: ServerConfig) -> int:
     """Run until SIGTERM/SIGINT, then drain gracefully; returns the exit code."""
-    from .app import ZImageServer
     from .engine import accel
+
+    # Before anything imports diffusers/transformers: they import installed back ends eagerly.
+    hidden = accel.hide_unused_backends(config.engine)
+    log.debug("optional back ends not used by this configuration, not imported: %s", ", ".join(hidden))
+    from .app import ZImageServer
     from .engine.engine import resolve_device
 
     # Fail fast, before binding ports, on combinations that cannot work here.

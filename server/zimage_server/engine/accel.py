@@ -58,6 +58,45 @@ class AccelReport:
     compile_s: float = 0.0
 
 
+# --------------------------------------------------------------------------- optional back ends
+# Distribution modules of the optional back ends, and the feature that needs each.
+OPTIONAL_BACKENDS: dict[str, str] = {
+    "torchao": "--quantize with --quant-backend torchao",
+    "optimum.quanto": "--quantize with --quant-backend quanto",
+    "peft": "--lora-dir",
+}
+
+
+def needed_backends(config: EngineConfig) -> frozenset[str]:
+    """The optional back ends the configured features use."""
+    needed = set()
+    if config.quantize != "none":
+        needed.add("torchao" if config.quant_backend == "torchao" else "optimum.quanto")
+    if config.lora_dir:
+        needed.add("peft")
+    return frozenset(needed)
+
+
+def hide_unused_backends(config: EngineConfig) -> list[str]:
+    """Make the optional back ends that no enabled feature uses unimportable in this process.
+
+    transformers and diffusers import torchao (and diffusers PEFT) at their own import time whenever
+    the package is installed, whether or not anything uses it: ~1 s of start-up and, for torchao, a
+    page of warnings about kernels this wheel lacks. Both libraries decide availability with
+    ``importlib.util.find_spec``, which answers None for a name whose ``sys.modules`` entry is None
+    (the documented way to block an import), so they then skip the back end as if it were absent.
+    Call this once, in the server process, before diffusers is imported; returns the hidden names.
+    """
+    import sys
+
+    hidden = []
+    for name in sorted(set(OPTIONAL_BACKENDS) - needed_backends(config)):
+        if name not in sys.modules:  # already imported (a test process, say): leave it alone
+            sys.modules[name] = None  # type: ignore[assignment]
+            hidden.append(name)
+    return hidden
+
+
 # --------------------------------------------------------------------------- validation
 def check_combination(config: EngineConfig, device: torch.device) -> None:
     """Reject combinations that cannot work on this machine, before anything is loaded."""
