@@ -40,15 +40,20 @@ class RequestStatus(enum.IntEnum):
 
 @dataclasses.dataclass(frozen=True)
 class PreviewSpec:
-    """Previews asked by a request: every N steps, at most max_side_px on the longest side."""
+    """Previews asked by a request: every N steps (or at the listed steps), at most max_side_px on the longest side."""
 
     every_n_steps: int
     max_side_px: int
     format: ImageFormat
     quality: int
+    # Exact steps (1-based) instead of a period: the OpenAI API asks for a number of partial images,
+    # which no period gives for every step count (3 in 8 steps).
+    at_steps: frozenset[int] = frozenset()
 
     def wants(self, step: int) -> bool:
         """Whether a preview is due after ``step`` steps completed (1-based)."""
+        if self.at_steps:
+            return step in self.at_steps
         return self.every_n_steps > 0 and step % self.every_n_steps == 0
 
 

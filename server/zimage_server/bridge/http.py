@@ -271,6 +271,10 @@ class Bridge:
         app.router.add_post("/v1/generate", self.generate)
         app.router.add_get("/v1/stream", self.stream)
         app.router.add_post("/v1/stream", self.stream)
+        # The OpenAI-compatible Images API: same app (middlewares, size cap), same token, same service.
+        from .openai import OpenAIRoutes  # here, not at the top: bridge.openai builds on this module
+
+        OpenAIRoutes(self._server, self._authorized, clock=self._clock).register(app)
         return app
 
     # ------------------------------------------------------------------ helpers

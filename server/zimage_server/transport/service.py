@@ -73,8 +73,26 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
         Returns (GenerationRequest, RequestHandle); raises domain errors (map them with
         transport.errors.status_for). ``deadline`` is on the monotonic clock.
         """
-        domain = self._decode(msg, rpc)
-        return domain, self._ready_scheduler().submit(domain, deadline)
+        domain = self.decode(msg, rpc)
+        return domain, self.submit_request(domain, deadline)
+
+    def decode(self, msg: pb.GenerateRequest, rpc: str) -> GenerationRequest:
+        """Validate ``msg`` as ``rpc`` would (limits, LoRA names) without queueing it."""
+        return self._decode(msg, rpc)
+
+    def submit_request(self, domain: GenerationRequest, deadline: float | None = None):
+        """Queue an already validated request (a front end may adjust it after ``decode``); its RequestHandle."""
+        return self._ready_scheduler().submit(domain, deadline)
+
+    def log_request(self, rpc: str, request: GenerationRequest | None, code: grpc.StatusCode, started: float,
+                    result: GenerationResult | None = None, error: BaseException | None = None,
+                    user: str = "") -> None:
+        """Write the one request log line of a call made through ``submit``, with gRPC's fields.
+
+        ``user`` (the OpenAI API's end-user id) is logged only with --log-prompts, like the prompt.
+        """
+        self._log(rpc, request, code, started, result=result, error=error,
+                  extra={"user": user} if user and self._log_prompts else None)
 
     def record(self, rpc: str, code: grpc.StatusCode, started: float, exc: BaseException | None = None) -> None:
         """Count a finished call made through ``submit`` in the same metrics as gRPC calls."""
@@ -106,9 +124,10 @@ class ImageGenerationService(pb_grpc.ImageGenerationServiceServicer):
         self._metrics.requests.labels(rpc=rpc, code=code.name).inc()
 
     def _log(self, rpc: str, request: GenerationRequest | None, code: grpc.StatusCode, started: float,
-             result=None, error: BaseException | None = None) -> None:
+             result=None, error: BaseException | None = None, extra: dict[str, object] | None = None) -> None:
         record: dict[str, object] = {"event": "request", "rpc": rpc, "code": code.name,
                                      "duration_s": round(self._clock() - started, 4)}
+        record.update(extra or {})
         if request is not None:
             record.update(request_id=request.request_id, width=request.width, height=request.height,
                           steps=request.steps, num_images=request.num_images, seed=request.seed,
