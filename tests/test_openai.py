@@ -11,12 +11,17 @@ import asyncio
 import base64
 import io
 import json
+import os
+import pathlib
+import re
+import shutil
+import sys
 
 import grpc
+import openai
 import pytest
 
 aiohttp = pytest.importorskip("aiohttp")
-openai = pytest.importorskip("openai")
 
 from PIL import Image
 from zimage.v1 import zimage_pb2 as pb
@@ -44,6 +49,9 @@ from zimage_server.transport.codec import Limits, decode_request
 from test_bridge import Gate, eventually, requests_total
 
 pytestmark = pytest.mark.timeout(120)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NODE_MODULES = ROOT / ".ci" / "node_modules"
 
 SMALL = {"steps": 3}  # extra_body that keeps the tiny model fast
 
@@ -345,3 +353,67 @@ def test_every_error_kind_renders_as_an_openai_error(exc, status, kind):
         assert "x-should-retry" not in error.headers()  # the SDKs may retry after the advised delay
     if status in (400, 404, 500):
         assert error.headers()["x-should-retry"] == "false"
+
+
+# ---------------------------------------------------------------------- another language
+async def test_node_openai_sdk_generates_streams_and_sees_bad_request(make_server):
+    """The same core calls with the official `openai` npm package (installed by .ci/run)."""
+    node = shutil.which("node")
+    if node is None or not (NODE_MODULES / "openai").exists():
+        assert not os.environ.get("CI"), "CI installs the openai npm package into .ci/"
+        pytest.skip("node or the openai npm package missing (npm install --prefix .ci openai)")
+    server = await make_server()
+    bridge = await start_bridge(server, "127.0.0.1", 0)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            node, str(ROOT / "tests" / "node" / "openai_images.js"), f"{bridge.url}/v1",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+        )
+        out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    finally:
+        await bridge.close()
+    assert proc.returncode == 0, err.decode()
+    seen = json.loads(out.decode().strip().splitlines()[-1])
+    assert seen["models"] == ["tiny"]
+    assert seen["generate"] == [{"seed": 42, "png": "PNG", "width": 128, "height": 64},
+                                {"seed": 43, "png": "PNG", "width": 128, "height": 64}]
+    assert seen["events"] == ["image_generation.partial_image", "image_generation.completed"]
+    assert seen["invalid"] == {"bad_request": True, "status": 400, "param": "size"}
+    assert requests_total(server, "OpenAIImagesGenerations", "OK") == 2
+
+
+# ---------------------------------------------------------------------- the README's examples
+def readme_section_blocks(language: str) -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## OpenAI-compatible API\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(rf"```{language}\n(.*?)```", section, flags=re.S)
+
+
+async def run(*args: str, cwd: pathlib.Path) -> str:
+    proc = await asyncio.create_subprocess_exec(*args, cwd=cwd, stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=100)
+    assert proc.returncode == 0, (out + err).decode()
+    return out.decode()
+
+
+async def test_readme_examples_run_as_written(make_server, tmp_path):
+    """The Python SDK and curl examples of the README section, verbatim but for the port."""
+    server = await make_server()
+    bridge = await start_bridge(server, "127.0.0.1", 0)
+    try:
+        (python_example,) = readme_section_blocks("python")
+        (curl_example,) = readme_section_blocks("bash")
+        local = f"http://127.0.0.1:{bridge.port}"
+        assert "http://localhost:8080" in python_example and "http://localhost:8080" in curl_example
+        await run(sys.executable, "-c", python_example.replace("http://localhost:8080", local), cwd=tmp_path)
+        await run("bash", "-c", curl_example.replace("http://localhost:8080", local), cwd=tmp_path)
+    finally:
+        await bridge.close()
+    names = sorted(path.name for path in tmp_path.iterdir())
+    assert names == ["fox-42.png", "fox-43.png", "fox.png", "lighthouse-partial-0.png", "lighthouse-partial-1.png",
+                     "lighthouse.png"]
+    for path in tmp_path.iterdir():
+        assert Image.open(path).size == (256, 256)
+    assert requests_total(server, "OpenAIImagesGenerations", "OK") == 3
