@@ -1,0 +1,735 @@
+"""Issue 19: a discrete-event simulator of the scheduler on a fake clock, driving the real policy code.
+
+What it simulates: one engine (one accelerator, one engine thread) serving a trace of arrivals. Time only
+moves by the cost model: a text encode, a forward of a given shape, a decode. Between those, the policy
+decides what runs next, exactly where the server's scheduler loop decides (see ``Policy`` below): the step
+policies' ordering is ``zimage_server.scheduler.step_policies.order_running``, the same function the server
+calls; admission and batch forming follow ``scheduler/core.py`` rule for rule, and requests are the
+server's own ``GenerationRequest`` / ``RequestState`` objects.
+
+Cost model (``CostModel``, JSON under ``bench/results/cost-*.json``): a forward of samples with image tokens
+``t_i`` costs ``max(floor, base + per_sample * n + per_token * T * n + per_token_sq * T^2 * n / 1e3)``, every
+sample padded to ``T = max t_i`` when resolutions mix (``mix_padded``; a packed forward would cost the sum) — and CFG counts a request twice; a text encode ``base + per_prompt * p``; a
+decode ``base + per_token * tokens`` per same-size group; the output PNG ``per_token * tokens`` per image,
+off the engine thread (adds latency, not engine time). ``bench/fit_cost_model.py`` fits the CPU ones here;
+the GPU ones are derived from published timings, with their sources in the JSON.
+
+Traces: ``poisson`` (the loadgen's own arrivals and sizes when ``--loadgen-trace``), ``bursts``
+(Poisson bursts of ``--burst-size`` requests), ``diurnal`` (a sinusoidal rate, thinning); sizes drawn
+from ``--sizes`` (uniform, or ``--size-weights``); ``--img2img-fraction`` of requests start at a later
+step (strength drawn from 0.3-0.9, so they run ``ceil(steps * strength)`` steps).
+
+    python bench/simulate.py --cost bench/results/cost-cpu-bench.json --rates 0.25,0.4 --requests 400
+    python bench/simulate.py --cost bench/results/cost-gpu-h200-qwen-image.json --loads 0.5,0.7,0.9
+    python bench/simulate.py --cost bench/results/cost-gpu-h200-qwen-image.json --capacity --p99-target-s 10
+
+Prints a markdown table (p50/p95/p99, throughput, mean batch per policy and load) and writes
+``bench/results/sim-<name>.json``. Deterministic: the same arguments give the same output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import math
+import pathlib
+import random
+import sys
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import Any, Protocol
+
+import numpy as np
+from zimage_server.scheduler.state import RequestState
+from zimage_server.scheduler.step_policies import StepPolicy, order_running
+from zimage_server.types import BatchKey, GenerationRequest, ImageFormat
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+POLICIES = ("request", *(p.value for p in StepPolicy))
+
+
+# ---------------------------------------------------------------------- traces
+@dataclasses.dataclass(frozen=True)
+class Arrival:
+    """One request of a trace."""
+
+    index: int
+    time_s: float
+    width: int
+    height: int
+    steps: int  # steps the request runs (img2img: already reduced by its strength)
+    guidance: bool = False
+    images: int = 1
+
+    @property
+    def tokens(self) -> int:
+        return (self.width // 16) * (self.height // 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceSpec:
+    """How to draw a trace; ``rate`` in requests/s."""
+
+    kind: str = "poisson"  # poisson | bursts | diurnal | loadgen
+    rate: float = 1.0
+    requests: int = 200
+    sizes: tuple[tuple[int, int], ...] = ((256, 256), (384, 256), (512, 512))
+    size_weights: tuple[float, ...] = ()
+    steps: int = 8
+    seed: int = 0
+    burst_size: int = 4
+    diurnal_period_s: float = 600.0
+    diurnal_amplitude: float = 0.8
+    img2img_fraction: float = 0.0
+    cfg_fraction: float = 0.0
+
+
+def make_trace(spec: TraceSpec) -> list[Arrival]:
+    """Arrivals of ``spec``: deterministic in ``spec.seed``."""
+    if spec.kind == "loadgen":
+        return loadgen_trace(spec)
+    rng = random.Random(spec.seed)
+    times: list[float] = []
+    t = 0.0
+    if spec.kind == "poisson":
+        while len(times) < spec.requests:
+            t += rng.expovariate(spec.rate)
+            times.append(t)
+    elif spec.kind == "bursts":
+        while len(times) < spec.requests:
+            t += rng.expovariate(spec.rate / spec.burst_size)
+            times.extend([t] * min(spec.burst_size, spec.requests - len(times)))
+    elif spec.kind == "diurnal":  # thinning of a Poisson process at the peak rate
+        peak = spec.rate * (1 + spec.diurnal_amplitude)
+        while len(times) < spec.requests:
+            t += rng.expovariate(peak)
+            rate = spec.rate * (1 + spec.diurnal_amplitude * math.sin(2 * math.pi * t / spec.diurnal_period_s))
+            if rng.random() * peak < rate:
+                times.append(t)
+    else:
+        raise ValueError(f"unknown trace kind {spec.kind!r}")
+    weights = list(spec.size_weights) or [1.0] * len(spec.sizes)
+    out = []
+    for index, time_s in enumerate(times):
+        w, h = rng.choices(spec.sizes, weights)[0]
+        steps = spec.steps
+        if rng.random() < spec.img2img_fraction:
+            steps = max(1, math.ceil(spec.steps * rng.uniform(0.3, 0.9)))
+        out.append(Arrival(index, time_s, w, h, steps, guidance=rng.random() < spec.cfg_fraction))
+    return out
+
+
+def loadgen_trace(spec: TraceSpec) -> list[Arrival]:
+    """The arrivals and sizes ``bench/loadgen.py --mode open`` sends with the same rate, count, sizes and seed."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+    from loadgen import Workload
+
+    workload = Workload(spec.sizes, spec.steps, spec.seed)
+    offsets = workload.arrivals(spec.rate, spec.requests, None)
+    return [Arrival(i, t, job.width, job.height, spec.steps)
+            for i, t in enumerate(offsets) for job in [workload.job(i, "sim")]]
+
+
+# ---------------------------------------------------------------------- cost model
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """Seconds of each engine operation as a function of its shape (see the module docstring)."""
+
+    name: str
+    forward_base_s: float
+    forward_per_sample_s: float
+    forward_per_token_s: float
+    forward_per_token_sq_ms: float
+    encode_base_s: float
+    encode_per_prompt_s: float
+    decode_base_s: float
+    decode_per_token_s: float
+    forward_floor_s: float = 0.0  # a GPU forward never takes less (launch/overhead bound at small batches)
+    output_per_token_s: float = 0.0
+    scheduler_overhead_s: float = 0.0  # per forward: event loop and engine-thread hops
+    rpc_overhead_s: float = 0.0  # per request: the client's round trip, not engine time
+    mix_padded: bool = True  # False: a packed (padding-free) forward of mixed sizes costs the sum of tokens
+
+    @classmethod
+    def load(cls, path: pathlib.Path) -> CostModel:
+        data = json.loads(pathlib.Path(path).read_text())
+        f, e, d = data["forward"], data["text_encode"], data["decode"]
+        return cls(
+            name=data.get("name", pathlib.Path(path).stem), forward_base_s=f["base_s"],
+            forward_per_sample_s=f["per_sample_s"], forward_per_token_s=f["per_token_s"],
+            forward_per_token_sq_ms=f["per_token_sq_ms"], encode_base_s=e["base_s"], encode_per_prompt_s=e["per_prompt_s"],
+            decode_base_s=d["base_s"], decode_per_token_s=d["per_token_s"], forward_floor_s=f.get("floor_s", 0.0),
+            output_per_token_s=data.get("output_encode", {}).get("per_token_s", 0.0),
+            scheduler_overhead_s=data.get("scheduler_overhead_s", 0.0), rpc_overhead_s=data.get("rpc_overhead_s", 0.0),
+            mix_padded=data.get("mix_padded", True),
+        )
+
+    def forward_s(self, tokens: Sequence[int]) -> float:
+        """One transformer forward over samples with these image tokens (CFG: list a request twice)."""
+        n = len(tokens)
+        if self.mix_padded:
+            top = max(tokens)
+            total, squares = top * n, top * top * n
+        else:
+            total, squares = sum(tokens), sum(t * t for t in tokens)
+        return max(self.forward_floor_s, self.forward_base_s + self.forward_per_sample_s * n
+                   + self.forward_per_token_s * total + self.forward_per_token_sq_ms * squares / 1e3)
+
+    def encode_s(self, prompts: int) -> float:
+        return self.encode_base_s + self.encode_per_prompt_s * prompts
+
+    def decode_s(self, tokens: Sequence[int]) -> float:
+        """Decode of finished images: one call per same-size group (as engine.decode batches them)."""
+        groups: dict[int, int] = {}
+        for t in tokens:
+            groups[t] = groups.get(t, 0) + 1
+        return sum(self.decode_base_s + self.decode_per_token_s * t * k for t, k in groups.items())
+
+    def solo_s(self, arrival: Arrival) -> float:
+        """Service time of a request alone on an idle engine (no RPC): encode, its steps, decode, PNG."""
+        samples = [arrival.tokens] * (arrival.images * (2 if arrival.guidance else 1))
+        return (self.encode_s(2 if arrival.guidance else 1) + arrival.steps * (self.forward_s(samples)
+                + self.scheduler_overhead_s) + self.decode_s([arrival.tokens] * arrival.images)
+                + self.output_per_token_s * arrival.tokens * arrival.images)
+
+
+# ---------------------------------------------------------------------- policies
+@dataclasses.dataclass
+class Decision:
+    """What the engine does next: text-encode ``admit`` (they join the running set), then one forward of ``forward``."""
+
+    admit: list[RequestState]
+    forward: list[RequestState]
+
+
+class Policy(Protocol):
+    """The scheduler's decision, as a pure function of the clock, the queue and the running set.
+
+    Returns a Decision, or the seconds to wait before asking again (``math.inf``: until an arrival).
+    ``observe_forward`` feeds back what a forward cost (the server's step-time estimates).
+    """
+
+    name: str
+
+    def decide(self, now: float, waiting: list[RequestState], running: list[RequestState]) -> Decision | float: ...
+
+    def observe_arrival(self, now: float) -> None: ...
+
+    def observe_forward(self, states: Sequence[RequestState], seconds: float, tick: int) -> None: ...
+
+    def observe_done(self, state: RequestState, overhead_s: float) -> None: ...
+
+
+@dataclasses.dataclass
+class SchedulerKnobs:
+    """The server flags the policies read (scheduler/config.py SchedulerConfig)."""
+
+    max_batch_size: int = 8
+    max_queue_delay_ms: float = 10.0
+    priority_aging_s: float = 10.0
+    max_tokens_per_step: int = 0
+    mix_resolutions: str = "auto"
+    slo_factor: float = 3.0
+    admit_per_group: bool = False
+
+
+class _Estimates:
+    """The server's running estimates: EMA of seconds per forward by tokens, of encode+decode, of arrival gaps."""
+
+    def __init__(self, default_step_s: float, default_tokens: int):
+        self.step_s: dict[int, float] = {}
+        self.default_step_s = default_step_s
+        self.default_tokens = default_tokens
+        self.overhead_s = 0.0
+        self.last_arrival: float | None = None
+        self.arrival_gap_s: float | None = None
+        self.ticks: dict[int, int] = {}
+
+    def step_for(self, state: RequestState) -> float:
+        tokens = state.request.key().tokens
+        if tokens in self.step_s:
+            return self.step_s[tokens]
+        return self.default_step_s * tokens / self.default_tokens  # unmeasured: scale by tokens
+
+    def arrival(self, now: float) -> None:
+        if self.last_arrival is not None:
+            gap = now - self.last_arrival
+            self.arrival_gap_s = gap if self.arrival_gap_s is None else 0.7 * self.arrival_gap_s + 0.3 * gap
+        self.last_arrival = now
+
+    def forward(self, states: Sequence[RequestState], seconds: float, tick: int) -> None:
+        tokens = max(s.request.key().tokens for s in states)
+        prev = self.step_s.get(tokens)
+        self.step_s[tokens] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
+        for s in states:
+            self.ticks[s.seq] = tick
+
+    def done(self, overhead: float) -> None:
+        self.overhead_s = overhead if self.overhead_s == 0 else 0.8 * self.overhead_s + 0.2 * overhead
+
+
+def _ordered_queue(waiting: list[RequestState], now: float, aging_s: float) -> list[RequestState]:
+    return sorted(waiting, key=lambda s: (-s.effective_priority(now, aging_s), s.seq))
+
+
+def _within_cap(states: list[RequestState], cap: int) -> list[RequestState]:
+    chosen: list[RequestState] = []
+    images = 0
+    for state in states:
+        if chosen and images + state.images > cap:
+            continue
+        chosen.append(state)
+        images += state.images
+    return chosen
+
+
+class RequestModePolicy:
+    """``--batching request``: scheduler/core.py ``_form_request_batch`` + the whole batch in every forward."""
+
+    name = "request"
+
+    def __init__(self, knobs: SchedulerKnobs, estimates: _Estimates):
+        self.knobs = knobs
+        self.est = estimates
+
+    def decide(self, now: float, waiting: list[RequestState], running: list[RequestState]) -> Decision | float:
+        if running:
+            ordered = sorted(running, key=lambda s: (self.est.ticks.get(s.seq, 0), -s.request.priority, s.seq))
+            return Decision([], _within_cap(ordered, self.knobs.max_batch_size))
+        if not waiting:
+            return math.inf
+        cap = self.knobs.max_batch_size
+        ordered = _ordered_queue(waiting, now, self.knobs.priority_aging_s)
+        head = ordered[0]
+        key = head.request.key()
+        batch: list[RequestState] = []
+        images = 0
+        for state in ordered:
+            if state.request.key() != key or (batch and images + state.images > cap):
+                continue
+            batch.append(state)
+            images += state.images
+        wait_left = head.arrival + self.knobs.max_queue_delay_ms / 1000.0 - now
+        company = self.est.arrival_gap_s is None or self.est.arrival_gap_s < 4 * wait_left
+        if images >= cap or wait_left <= 1e-12 or not company:
+            return Decision(batch, [])
+        return wait_left
+
+    def observe_arrival(self, now: float) -> None:
+        self.est.arrival(now)
+
+    def observe_forward(self, states: Sequence[RequestState], seconds: float, tick: int) -> None:
+        self.est.forward(states, seconds, tick)
+
+    def observe_done(self, state: RequestState, overhead_s: float) -> None:
+        self.est.done(overhead_s)
+
+
+class StepModePolicy:
+    """``--batching step --step-policy P``: core.py ``_select_step_admissions`` + ``_plan_forward``."""
+
+    def __init__(self, policy: StepPolicy, knobs: SchedulerKnobs, estimates: _Estimates, mix_table: dict[frozenset[int], bool]):
+        self.policy = policy
+        self.name = policy.value
+        self.knobs = knobs
+        self.est = estimates
+        self.mix_table = mix_table
+
+    def decide(self, now: float, waiting: list[RequestState], running: list[RequestState]) -> Decision | float:
+        cap = self.knobs.max_batch_size
+        admitted: list[RequestState] = []
+        if self.knobs.admit_per_group:
+            # The cap bounds each group (each forward), not the running set: a 512² group's requests do not
+            # take the places of 256² ones, so every group can fill its forwards. The head still goes first.
+            group_images: dict[BatchKey, int] = {}
+            for state in running:
+                key = state.request.key(with_steps=False)
+                group_images[key] = group_images.get(key, 0) + state.images
+            for state in _ordered_queue(waiting, now, self.knobs.priority_aging_s):
+                key = state.request.key(with_steps=False)
+                held = group_images.get(key, 0)
+                if held + state.images > cap and held:
+                    break
+                admitted.append(state)
+                group_images[key] = held + state.images
+        else:
+            running_images = sum(s.images for s in running)
+            for state in _ordered_queue(waiting, now, self.knobs.priority_aging_s):
+                if running_images + state.images > cap and (running_images or admitted):
+                    break
+                admitted.append(state)
+                running_images += state.images
+        candidates = running + admitted  # the admitted ones run from this forward on (core.py admits, then steps)
+        if not candidates:
+            return math.inf
+        return Decision(admitted, self.plan_forward(now, candidates))
+
+    def plan_forward(self, now: float, running: list[RequestState]) -> list[RequestState]:
+        ordered = order_running(self.policy, running, now, last_tick=lambda s: self.est.ticks.get(s.seq, 0),
+                                step_s=self.est.step_for, overhead_s=self.est.overhead_s,
+                                slo_factor=self.knobs.slo_factor)
+        first_key = ordered[0].request.key(with_steps=False)
+        groups: dict[BatchKey, list[RequestState]] = {}
+        for state in ordered:
+            groups.setdefault(state.request.key(with_steps=False), []).append(state)
+        mix = self._should_mix([k for k in groups if k.loras == first_key.loras])
+        candidates = list(groups[first_key])
+        if mix:
+            for key, members in groups.items():
+                if key != first_key and key.loras == first_key.loras:
+                    candidates.extend(members)
+        budget = self.knobs.max_tokens_per_step
+        chosen: list[RequestState] = []
+        for state in candidates:
+            trial = chosen + [state]
+            if chosen and budget and _forward_tokens(trial, padded=mix) > budget:
+                continue
+            chosen.append(state)
+        return _within_cap(chosen, self.knobs.max_batch_size)
+
+    def _should_mix(self, keys: list[BatchKey]) -> bool:
+        if len(keys) < 2 or self.knobs.mix_resolutions == "never":
+            return False
+        if self.knobs.mix_resolutions == "always":
+            return True
+        tokens = frozenset(k.tokens for k in keys)
+        if tokens in self.mix_table:
+            return self.mix_table[tokens]
+        return len(tokens) == 1
+
+    def observe_arrival(self, now: float) -> None:
+        self.est.arrival(now)
+
+    def observe_forward(self, states: Sequence[RequestState], seconds: float, tick: int) -> None:
+        self.est.forward(states, seconds, tick)
+
+    def observe_done(self, state: RequestState, overhead_s: float) -> None:
+        self.est.done(overhead_s)
+
+
+def _forward_tokens(states: list[RequestState], padded: bool) -> int:
+    per_sample = [s.request.key().tokens for s in states for _ in range(s.images)]
+    return max(per_sample) * len(per_sample) if padded else sum(per_sample)
+
+
+def mix_table_for(cost: CostModel, sizes: Sequence[tuple[int, int]]) -> dict[frozenset[int], bool]:
+    """What the server's warm-up calibration (engine.calibrate_mixing) would measure under this cost model."""
+    tokens = sorted({(w // 16) * (h // 16) for w, h in sizes})
+    table = {}
+    for i, a in enumerate(tokens):
+        for b in tokens[i + 1:]:
+            table[frozenset({a, b})] = cost.forward_s([a, b]) < cost.forward_s([a]) + cost.forward_s([b])
+    return table
+
+
+def make_policy(name: str, cost: CostModel, knobs: SchedulerKnobs, sizes: Sequence[tuple[int, int]]) -> Policy:
+    """A fresh policy with the estimates the server has after its warm-up (one step at the first size)."""
+    first = (sizes[0][0] // 16) * (sizes[0][1] // 16)
+    est = _Estimates(cost.forward_s([first]), first)
+    if name == "request":
+        return RequestModePolicy(knobs, est)
+    return StepModePolicy(StepPolicy(name), knobs, est, mix_table_for(cost, sizes))
+
+
+# ---------------------------------------------------------------------- the event loop
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """One simulated request."""
+
+    index: int
+    width: int
+    height: int
+    arrival_s: float
+    started_s: float
+    done_s: float
+    batch_size: int
+
+    @property
+    def latency_s(self) -> float:
+        return self.done_s - self.arrival_s
+
+
+@dataclasses.dataclass(frozen=True)
+class SimResult:
+    """Summary of one (policy, trace) run. Latencies in seconds."""
+
+    policy: str
+    cost_model: str
+    trace: str
+    rate: float
+    load: float  # offered rate / capacity (``--load-basis``; run_policy alone: rate * mean solo service time)
+    requests: int
+    throughput_img_s: float
+    p50_s: float
+    p95_s: float
+    p99_s: float
+    mean_s: float
+    mean_batch: float  # per request: the largest forward it was part of (as the server reports)
+    mean_forward: float  # images per forward
+    forwards: int
+    p50_by_size_s: dict[str, float]
+
+
+def _slot(total_steps: int) -> SimpleNamespace:
+    return SimpleNamespace(step_index=0, total_steps=total_steps)
+
+
+def _request(a: Arrival) -> GenerationRequest:
+    return GenerationRequest(
+        request_id=f"sim-{a.index}", prompt=f"sim {a.index}", negative_prompt="", width=a.width, height=a.height,
+        steps=a.steps, guidance_scale=4.0 if a.guidance else 0.0, seed=a.index, num_images=a.images,
+        output_format=ImageFormat.PNG, quality=90, preview=None,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class SimRun:
+    """What one simulation produced: every request's outcome (by index) and the images of every forward."""
+
+    outcomes: list[Outcome]
+    forward_images: list[int]
+
+
+def simulate(trace: Sequence[Arrival], policy: Policy, cost: CostModel) -> SimRun:
+    """Run ``trace`` through ``policy`` on one engine whose operations cost what ``cost`` says.
+
+    The loop mirrors scheduler/core.py ``_loop``: at each decision point the policy sees the queue and the
+    running set; an admission costs one text encode (its prompts together), a forward costs the cost model's
+    time for its shape plus the per-forward scheduler overhead, and the requests whose last step it was are
+    decoded together right after it. Arrivals during an engine operation are queued at their own time and
+    seen at the next decision point, as the server's event loop sees them between engine calls.
+    """
+    pending = sorted(trace, key=lambda a: (a.time_s, a.index))
+    queue: list[RequestState] = []
+    running: list[RequestState] = []
+    arrivals: dict[int, Arrival] = {}
+    batch_of: dict[int, int] = {}
+    started: dict[int, float] = {}
+    outcomes: list[Outcome] = []
+    forward_images: list[int] = []
+    now = 0.0
+    nxt = 0
+    tick = 0
+    channel: asyncio.Queue[Any] = asyncio.Queue()  # RequestState wants one; nothing reads it here
+
+    def deliver(until: float) -> None:
+        nonlocal nxt
+        while nxt < len(pending) and pending[nxt].time_s <= until:
+            a = pending[nxt]
+            arrivals[a.index] = a
+            queue.append(RequestState(request=_request(a), seq=a.index, arrival=a.time_s, deadline=None, channel=channel))
+            policy.observe_arrival(a.time_s)
+            nxt += 1
+
+    while nxt < len(pending) or queue or running:
+        deliver(now)
+        decision = policy.decide(now, queue, running)
+        if not isinstance(decision, Decision):
+            next_arrival = pending[nxt].time_s if nxt < len(pending) else math.inf
+            wake = min(now + decision, next_arrival)
+            if math.isinf(wake):
+                raise RuntimeError(f"policy {policy.name} waits forever with {len(queue)} queued, {len(running)} running")
+            now = max(now, wake)
+            continue
+        if decision.admit:
+            prompts = sum(2 if s.request.guidance_scale > 0 else 1 for s in decision.admit)
+            encode_s = cost.encode_s(prompts)
+            for s in decision.admit:
+                queue.remove(s)
+                started[s.seq] = now
+                s.slots = [_slot(s.request.steps) for _ in range(s.images)]
+                s.encode_s = encode_s
+            now += encode_s
+            group = sum(s.images for s in running) + sum(s.images for s in decision.admit)
+            for s in decision.admit:
+                batch_of[s.seq] = group if isinstance(policy, StepModePolicy) else sum(x.images for x in decision.admit)
+            running.extend(decision.admit)
+        if not decision.forward:
+            continue
+        samples = [s.request.key().tokens for s in decision.forward
+                   for _ in range(s.images * (2 if s.request.guidance_scale > 0 else 1))]
+        seconds = cost.forward_s(samples)
+        now += seconds + cost.scheduler_overhead_s
+        tick += 1
+        policy.observe_forward(decision.forward, seconds, tick)
+        images = sum(s.images for s in decision.forward)
+        for s in decision.forward:
+            for slot in s.slots:
+                slot.step_index += 1
+            batch_of[s.seq] = max(batch_of.get(s.seq, 0), images)
+        finished = [s for s in decision.forward if all(slot.step_index >= slot.total_steps for slot in s.slots)]
+        if finished:
+            decode_s = cost.decode_s([s.request.key().tokens for s in finished for _ in range(s.images)])
+            now += decode_s
+            for s in finished:
+                running.remove(s)
+                policy.observe_done(s, s.encode_s + decode_s)
+                a = arrivals[s.seq]
+                done = now + cost.output_per_token_s * a.tokens * a.images + cost.rpc_overhead_s
+                outcomes.append(Outcome(a.index, a.width, a.height, a.time_s, started[s.seq], done, batch_of[s.seq]))
+        forward_images.append(images)
+    return SimRun(sorted(outcomes, key=lambda o: o.index), forward_images)
+
+
+def run_policy(name: str, trace: Sequence[Arrival], cost: CostModel, knobs: SchedulerKnobs,
+               sizes: Sequence[tuple[int, int]], trace_name: str, rate: float) -> SimResult:
+    """Simulate one policy on one trace and summarize it as loadgen does."""
+    policy = make_policy(name, cost, knobs, sizes)
+    run = simulate(trace, policy, cost)
+    outcomes, forwards = run.outcomes, run.forward_images
+    lat = np.array([o.latency_s for o in outcomes])
+    wall = max(o.done_s for o in outcomes)
+    by_size: dict[str, list[float]] = {}
+    for o in outcomes:
+        by_size.setdefault(f"{o.width}x{o.height}", []).append(o.latency_s)
+    mean_solo = float(np.mean([cost.solo_s(a) for a in trace]))
+    return SimResult(
+        policy=name, cost_model=cost.name, trace=trace_name, rate=rate, load=rate * mean_solo, requests=len(outcomes),
+        throughput_img_s=sum(1 for _ in outcomes) / wall, p50_s=float(np.percentile(lat, 50)),
+        p95_s=float(np.percentile(lat, 95)), p99_s=float(np.percentile(lat, 99)), mean_s=float(lat.mean()),
+        mean_batch=float(np.mean([o.batch_size for o in outcomes])),
+        mean_forward=float(np.mean(forwards)) if forwards else 0.0, forwards=len(forwards),
+        p50_by_size_s={k: float(np.percentile(v, 50)) for k, v in sorted(by_size.items())},
+    )
+
+
+# ---------------------------------------------------------------------- capacity planning
+def max_rate(name: str, spec: TraceSpec, cost: CostModel, knobs: SchedulerKnobs, p99_target_s: float,
+             iterations: int = 14) -> float:
+    """The largest request rate (req/s) one replica serves with p99 ≤ ``p99_target_s`` (bisection on the rate)."""
+    solo = float(np.mean([cost.solo_s(a) for a in make_trace(dataclasses.replace(spec, rate=1.0))]))
+    lo, hi = 0.0, 3.0 * knobs.max_batch_size / solo  # batching gains are below the cap: this is above capacity
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        trace = make_trace(dataclasses.replace(spec, rate=mid))
+        result = run_policy(name, trace, cost, knobs, spec.sizes, spec.kind, mid)
+        # Overloaded runs never settle: a throughput below the offered rate counts as a miss too.
+        ok = result.p99_s <= p99_target_s and result.throughput_img_s >= 0.9 * mid
+        lo, hi = (mid, hi) if ok else (lo, mid)
+    return lo
+
+
+def saturation_rate(name: str, spec: TraceSpec, cost: CostModel, knobs: SchedulerKnobs) -> float:
+    """Requests/s ``name`` completes from a deep backlog (every request of the trace queued at t = 0)."""
+    trace = [dataclasses.replace(a, time_s=0.0) for a in make_trace(dataclasses.replace(spec, rate=1.0))]
+    run = simulate(trace, make_policy(name, cost, knobs, spec.sizes), cost)
+    return len(run.outcomes) / max(o.done_s for o in run.outcomes)
+
+
+# ---------------------------------------------------------------------- CLI
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple((int(w), int(h)) for w, h in (s.split("x") for s in text.split(",") if s.strip()))
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cost", default=str(RESULTS_DIR / "cost-cpu-bench.json"), help="cost model JSON(s), comma-separated")
+    p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated: {', '.join(POLICIES)}")
+    p.add_argument("--trace", choices=("poisson", "bursts", "diurnal", "loadgen"), default="poisson")
+    p.add_argument("--rates", type=_floats, default=[], help="requests/s, e.g. 0.25,0.4")
+    p.add_argument("--loads", type=_floats, default=[], help="offered load as a share of capacity, e.g. 0.5,0.7")
+    p.add_argument("--load-basis", choices=("solo", "request"), default="request",
+                   help="capacity for --loads: solo = 1 / mean batch-1 service time; request = request mode's "
+                        "throughput from a deep backlog (its best batching)")
+    p.add_argument("--requests", type=int, default=400)
+    p.add_argument("--sizes", type=_sizes, default=((256, 256), (384, 256), (512, 512)))
+    p.add_argument("--size-weights", type=_floats, default=[])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--burst-size", type=int, default=4)
+    p.add_argument("--diurnal-period-s", type=float, default=600.0)
+    p.add_argument("--img2img-fraction", type=float, default=0.0)
+    p.add_argument("--cfg-fraction", type=float, default=0.0)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-queue-delay-ms", type=float, default=10.0)
+    p.add_argument("--max-tokens-per-step", type=int, default=0)
+    p.add_argument("--mix-resolutions", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--slo-factor", type=float, default=3.0, help="fair policy: latency target = factor x solo time")
+    p.add_argument("--admit-per-group", action="store_true", help="step mode: the cap bounds each group, not the running set")
+    p.add_argument("--capacity", action="store_true", help="max rate per replica at --p99-target-s, and replicas")
+    p.add_argument("--p99-target-s", type=_floats, default=[10.0])
+    p.add_argument("--target-rate", type=float, default=10.0, help="capacity: replicas for this many req/s")
+    p.add_argument("--name", default="")
+    p.add_argument("--out-dir", type=pathlib.Path, default=RESULTS_DIR)
+    args = p.parse_args(argv)
+    args.policies = [x.strip() for x in args.policies.split(",") if x.strip()]
+    unknown = sorted(set(args.policies) - set(POLICIES))
+    if unknown:
+        p.error(f"unknown policies {unknown}; choose from {', '.join(POLICIES)}")
+    if not args.capacity and not (args.rates or args.loads):
+        args.loads = [0.5, 0.7]
+    return args
+
+
+def _spec(args: argparse.Namespace, rate: float) -> TraceSpec:
+    return TraceSpec(kind=args.trace, rate=rate, requests=args.requests, sizes=args.sizes,
+                     size_weights=tuple(args.size_weights), steps=args.steps, seed=args.seed, burst_size=args.burst_size,
+                     diurnal_period_s=args.diurnal_period_s, img2img_fraction=args.img2img_fraction,
+                     cfg_fraction=args.cfg_fraction)
+
+
+def markdown(results: Sequence[SimResult]) -> str:
+    base = {(r.cost_model, r.rate): r for r in results if r.policy == "request"}
+    lines = ["| cost model | policy | rate (req/s) | load | p50 (s) | p95 (s) | p99 (s) | throughput (img/s) | mean batch "
+             "| images/forward | p50 / request | p99 / request |", "|" + "---|" * 12]
+    for r in results:
+        b = base.get((r.cost_model, r.rate))
+        ratio = (f"{r.p50_s / b.p50_s:.2f} | {r.p99_s / b.p99_s:.2f}") if b else "- | -"
+        lines.append(f"| {r.cost_model} | {r.policy} | {r.rate:.3g} | {r.load:.2f} | {r.p50_s:.3f} | {r.p95_s:.3f} "
+                     f"| {r.p99_s:.3f} | {r.throughput_img_s:.3f} | {r.mean_batch:.2f} | {r.mean_forward:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    knobs = SchedulerKnobs(max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
+                           max_tokens_per_step=args.max_tokens_per_step, mix_resolutions=args.mix_resolutions,
+                           slo_factor=args.slo_factor, admit_per_group=args.admit_per_group)
+    costs = [CostModel.load(pathlib.Path(c)) for c in args.cost.split(",") if c.strip()]
+    results: list[SimResult] = []
+    capacity: list[dict[str, Any]] = []
+    for cost in costs:
+        mean_solo = float(np.mean([cost.solo_s(a) for a in make_trace(_spec(args, 1.0))]))
+        capacity_rate = 1.0 / mean_solo if args.load_basis == "solo" else saturation_rate(
+            "request", _spec(args, 1.0), cost, knobs)
+        rates = list(args.rates) + [load * capacity_rate for load in args.loads]
+        for rate in rates:
+            trace = make_trace(_spec(args, rate))
+            for name in args.policies:
+                result = run_policy(name, trace, cost, knobs, args.sizes, args.trace, rate)
+                results.append(dataclasses.replace(result, load=rate / capacity_rate))
+        if args.capacity:
+            for target in args.p99_target_s:
+                for name in args.policies:
+                    rate = max_rate(name, _spec(args, 1.0), cost, knobs, target)
+                    capacity.append({"cost_model": cost.name, "policy": name, "p99_target_s": target,
+                                     "max_rate_per_replica": rate, "mean_solo_s": mean_solo,
+                                     "replicas_for_target_rate": math.ceil(args.target_rate / rate) if rate > 0 else None,
+                                     "target_rate": args.target_rate})
+    if results:
+        print(markdown(results))
+    if capacity:
+        print(f"\n| cost model | policy | p99 target (s) | max req/s per replica | replicas for {args.target_rate:g} req/s |")
+        print("|---|---|---|---|---|")
+        for c in capacity:
+            print(f"| {c['cost_model']} | {c['policy']} | {c['p99_target_s']:g} | {c['max_rate_per_replica']:.3f} "
+                  f"| {c['replicas_for_target_rate']} |")
+    report = {"benchmark": "simulate", "settings": {k: (str(v) if isinstance(v, pathlib.Path) else v)
+                                                      for k, v in vars(args).items()},
+              "results": [dataclasses.asdict(r) for r in results], "capacity": capacity}
+    if args.name:
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        out = args.out_dir / f"sim-{args.name}.json"
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"\nwrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
