@@ -62,3 +62,201 @@ async def test_default_start_writes_only_our_own_log_lines(tmp_path):
     foreign = [line for line in lines if not OUR_LOG_LINE.match(line)]
     assert foreign == []
     assert not [line for line in lines if " WARNING " in line or " ERROR " in line]
+
+
+# --------------------------------------------------------------------------- checkpoints on disk
+# diffusers' Z-Image converter (single_file_utils) maps the community layout to diffusers names; this is
+# the inverse, to write such a file from the tiny preset: fused qkv, the original block names, the
+# ComfyUI "model.diffusion_model." prefix.
+_TO_COMMUNITY = {"all_final_layer.2-1.": "final_layer.", "all_x_embedder.2-1.": "x_embedder.",
+                 ".attention.to_out.0.": ".attention.out.", ".attention.norm_k.": ".attention.k_norm.",
+                 ".attention.norm_q.": ".attention.q_norm."}
+
+
+def community_state_dict(transformer) -> dict:
+    import torch
+
+    state = {}
+    diffusers_state = transformer.state_dict()
+    for name, tensor in diffusers_state.items():
+        if ".attention.to_k." in name or ".attention.to_v." in name:
+            continue
+        if ".attention.to_q." in name:
+            parts = [diffusers_state[name.replace("to_q", k)] for k in ("to_q", "to_k", "to_v")]
+            name, tensor = name.replace(".attention.to_q.", ".attention.qkv."), torch.cat(parts)
+        for ours, theirs in _TO_COMMUNITY.items():
+            name = name.replace(ours, theirs)
+        state["model.diffusion_model." + name] = tensor.contiguous()
+    return state
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The tiny preset as a diffusers directory, as the same directory with other transformer weights,
+    with a dynamic-shifting scheduler, and its transformer as one community-layout file."""
+    import torch
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+    from safetensors.torch import save_file
+    from zimage_server.engine.presets import _init_deterministic, build_preset
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    components = build_preset("tiny", torch.device("cpu"), torch.float32)
+    ZImagePipeline(**components).save_pretrained(root / "tiny-dir")
+    state = community_state_dict(components["transformer"])
+    save_file(state, str(root / "tiny-transformer.safetensors"))
+    # Shapes that do not fit: the caption embedder of a wider text encoder.
+    wrong = dict(state)
+    wrong["model.diffusion_model.cap_embedder.1.weight"] = torch.zeros(64, 32)
+    save_file(wrong, str(root / "mismatch.safetensors"))
+    data = (root / "tiny-transformer.safetensors").read_bytes()
+    (root / "truncated.safetensors").write_bytes(data[: len(data) * 2 // 3])
+    dynamic = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                              base_image_seq_len=64, max_image_seq_len=1024, base_shift=0.5,
+                                              max_shift=1.15)
+    ZImagePipeline(**{**components, "scheduler": dynamic}).save_pretrained(root / "dynamic-dir")
+    _init_deterministic(components["transformer"], "other", "transformer")
+    ZImagePipeline(**components).save_pretrained(root / "other-weights-dir")
+    return root
+
+
+def _request(**overrides):
+    from zimage_client import build_request
+
+    fields = dict(width=128, height=192, steps=4, seed=21, guidance_scale=0.0)
+    fields.update(overrides)
+    return build_request("a lighthouse on a cliff at dusk", **fields)
+
+
+async def _generate_pixels(make_server, engine, request):
+    import io
+
+    import numpy as np
+    from PIL import Image
+    from zimage.v1 import zimage_pb2_grpc as pb_grpc
+
+    server = await make_server(engine=engine)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        response = await pb_grpc.ImageGenerationServiceStub(channel).Generate(request, timeout=120)
+    return np.asarray(Image.open(io.BytesIO(response.images[0].data)).convert("RGB")).astype(int)
+
+
+def _load(**fields):
+    from zimage_server.config import EngineConfig
+    from zimage_server.engine.engine import ZImageEngine
+
+    if fields["model"] != "tiny":  # a directory gets 1024 px defaults, 256 px minimum: serve the tiny sizes
+        fields = {"default_size_px": 256, "min_size_px": 64, **fields}
+    return ZImageEngine.load(EngineConfig(**fields))
+
+
+async def test_model_dir_and_transformer_file_serve_the_tiny_image(make_server, tiny_engine, checkpoints):
+    """--model DIR, and --model DIR2 --transformer FILE (DIR2's own transformer weights differ), give
+    the `--model tiny` image within +-1 (diffusers' save/load round trip moves values by ~1e-6)."""
+    request = _request()
+    reference = await _generate_pixels(make_server, tiny_engine, request)
+    from_dir = await _generate_pixels(make_server, _load(model=str(checkpoints / "tiny-dir")),
+                                      request)
+    assert abs(from_dir - reference).max() <= 1
+    other_dir = str(checkpoints / "other-weights-dir")
+    other = await _generate_pixels(make_server, _load(model=other_dir), request)
+    assert abs(other - reference).max() > 1  # so the file below is what makes the image
+    with_file = _load(model=other_dir, transformer=str(checkpoints / "tiny-transformer.safetensors"))
+    assert with_file.description.transformer_file.endswith("tiny-transformer.safetensors")
+    assert abs(await _generate_pixels(make_server, with_file, request) - reference).max() <= 1
+    # A preset's transformer can be replaced too (same architecture).
+    preset_file = _load(model="tiny", transformer=str(checkpoints / "tiny-transformer.safetensors"))
+    assert abs(await _generate_pixels(make_server, preset_file, request) - reference).max() <= 1
+
+
+def test_checkpoint_errors_name_the_file_and_the_tensor(checkpoints):
+    from zimage_server.engine.checkpoints import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"mismatch\.safetensors: tensor cap_embedder\.1\.weight has shape "
+                                              r"\[64, 32\] in the file but \[64, 64\]"):
+        _load(model=str(checkpoints / "tiny-dir"), transformer=str(checkpoints / "mismatch.safetensors"))
+    with pytest.raises(CheckpointError, match=r"truncated\.safetensors: not a readable \.safetensors file .*truncated"):
+        _load(model="tiny", transformer=str(checkpoints / "truncated.safetensors"))
+    with pytest.raises(CheckpointError, match="no such file"):
+        _load(model="tiny", transformer=str(checkpoints / "absent.safetensors"))
+    with pytest.raises(CheckpointError, match="no model_index.json"):
+        _load(model=str(checkpoints))
+    with pytest.raises(CheckpointError, match="not a preset"):
+        _load(model="./nowhere/model")
+
+
+@pytest.mark.timeout(200)
+def test_bad_checkpoint_is_a_start_up_error_exit_2(tmp_path, checkpoints):
+    """The real process: exit status 2 and one message naming the file (and the tensor), as other start-up errors."""
+    procs = {}
+    for name in ("mismatch", "truncated"):
+        log = tmp_path / f"{name}.log"
+        procs[name] = (run_server(["--model", "tiny", "--transformer", str(checkpoints / f"{name}.safetensors"),
+                                   "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0"], log), log)
+    for name, (proc, log) in procs.items():
+        assert proc.wait(timeout=180) == 2, log.read_text()
+        text = log.read_text()
+        assert f"zimage-server: error: --transformer {checkpoints / name}.safetensors:" in text
+    assert "tensor cap_embedder.1.weight has shape [64, 32]" in procs["mismatch"][1].read_text()
+
+
+@pytest.mark.parametrize("size", [(128, 128), (256, 192)])
+def test_dynamic_shifting_schedule_equals_the_pipeline(checkpoints, size):
+    """use_dynamic_shifting: mu from each resolution's sequence length, as ZImagePipeline.__call__ (tolerance 0)."""
+    import numpy as np
+    from zimage_server.engine.engine import pipeline_kwargs
+    from zimage_server.types import GenerationRequest, ImageFormat
+
+    engine = _load(model=str(checkpoints / "dynamic-dir"))
+    width, height = size
+    request = GenerationRequest(request_id="r", prompt="a red fox", negative_prompt="", width=width, height=height,
+                                steps=4, guidance_scale=0.0, seed=3, num_images=1, output_format=ImageFormat.PNG,
+                                quality=90, preview=None)
+    (slots,) = engine.start([request])
+    while not slots[0].done:
+        engine.step(slots)
+    ours = engine.decode(slots)[0]
+    reference = (engine.pipe(**pipeline_kwargs(request)).images[0] * 255).round().astype("uint8")
+    assert np.array_equal(ours, reference)
+    # The shift really depends on the resolution here (a static shift would give one schedule for both).
+    assert engine.shift_mu(128, 128) != engine.shift_mu(256, 192)
+
+
+def test_defaults_and_limits_follow_the_model_then_the_flags(checkpoints, tmp_path):
+    """A base-model directory: the pipeline's own 50 steps with CFG 5 and 1024 px (256..2048); a name with
+    'turbo': 8 steps, no guidance; flags override each; GetModelInfo reports what is in force, and a
+    request that leaves guidance unset gets the default."""
+    from zimage.v1 import zimage_pb2 as pb
+    from zimage_server.app import ZImageServer
+    from zimage_server.config import ConfigError, EngineConfig, ServerConfig
+    from zimage_server.engine.engine import ZImageEngine
+    from zimage_server.transport.codec import decode_request
+
+    def info(**fields):
+        engine = ZImageEngine.load(EngineConfig(**fields))
+        server = ZImageServer(ServerConfig(engine=EngineConfig(**fields)), engine=engine)
+        return server, server.model_info()
+
+    base_dir = str(checkpoints / "tiny-dir")
+    server, base = info(model=base_dir)
+    assert (base.defaults.steps, base.defaults.guidance_scale, base.defaults.width_px) == (50, 5.0, 1024)
+    assert (base.limits.width_px.min, base.limits.width_px.max, base.limits.size_multiple_px) == (256, 2048, 16)
+    unset = pb.GenerateRequest(prompt="x", width=256, height=256)
+    assert decode_request(unset, server.limits(), rpc="Generate", stream=False).guidance_scale == 5.0
+    unset.guidance_scale = 0.0  # explicitly off
+    assert decode_request(unset, server.limits(), rpc="Generate", stream=False).guidance_scale == 0.0
+
+    (tmp_path / "Z-Image-Turbo-finetune").symlink_to(base_dir)
+    _, turbo = info(model=str(tmp_path / "Z-Image-Turbo-finetune"))
+    assert (turbo.defaults.steps, turbo.defaults.guidance_scale) == (8, 0.0)
+    assert turbo.is_preset is False
+
+    _, flagged = info(model=base_dir, default_steps=12, default_guidance_scale=2.5, default_size_px=128,
+                      min_size_px=64, max_size_px=512)
+    assert (flagged.defaults.steps, flagged.defaults.guidance_scale, flagged.defaults.height_px) == (12, 2.5, 128)
+    assert (flagged.limits.height_px.min, flagged.limits.height_px.max) == (64, 512)
+
+    # The tiny transformer's RoPE table addresses 512 patches of 16 px per side.
+    with pytest.raises(ConfigError, match="--max-size-px 8208 is beyond what the model can address .8192 px"):
+        ZImageEngine.load(EngineConfig(model=base_dir, max_size_px=8208))
+    with pytest.raises(ConfigError, match="min <= default <= max"):
+        ZImageEngine.load(EngineConfig(model=base_dir, default_size_px=128))

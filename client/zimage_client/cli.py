@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--width", type=int, default=0)
     g.add_argument("--height", type=int, default=0)
     g.add_argument("--steps", type=int, default=0)
-    g.add_argument("--guidance-scale", type=float, default=0.0)
+    g.add_argument("--guidance-scale", type=float, default=None, help="default: the model's (0 for Turbo)")
     g.add_argument("--seed", type=int)
     g.add_argument("--num-images", type=int, default=1)
     g.add_argument("--format", choices=sorted(FORMATS), default=None, help="default: from the output extension")

@@ -106,7 +106,7 @@ def build_request(
     width: int = 0,
     height: int = 0,
     steps: int = 0,
-    guidance_scale: float = 0.0,
+    guidance_scale: float | None = None,
     seed: int | None = None,
     num_images: int = 1,
     output_format: str = "png",
@@ -119,15 +119,17 @@ def build_request(
     timeout_ms: int = 0,
     loras: Sequence[tuple[str, float]] = (),
 ) -> pb.GenerateRequest:
-    """Build a GenerateRequest; zero values mean the server's defaults (see GetModelInfo)."""
+    """Build a GenerateRequest; zero values (and guidance_scale None) mean the server's defaults (see GetModelInfo)."""
     msg = pb.GenerateRequest(
         prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
-        guidance_scale=guidance_scale, num_images=num_images, output_format=FORMATS[output_format.lower()],
+        num_images=num_images, output_format=FORMATS[output_format.lower()],
         quality=quality, request_id=request_id, priority=priority, timeout_ms=timeout_ms,
         loras=[pb.LoraAdapter(name=n, scale=s) for n, s in loras],
     )
     if seed is not None:
         msg.seed = seed
+    if guidance_scale is not None:  # unset: the model's default guidance (0 for Turbo)
+        msg.guidance_scale = guidance_scale
     if preview_every_n_steps:
         msg.preview.CopyFrom(pb.PreviewOptions(every_n_steps=preview_every_n_steps, max_side_px=preview_max_side_px,
                                                format=FORMATS[preview_format.lower()]))

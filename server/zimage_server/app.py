@@ -213,7 +213,8 @@ class ZImageServer:
         cfg = self.config
         return Limits(
             min_size_px=desc.min_size_px, max_size_px=desc.max_size_px, size_multiple_px=desc.size_multiple_px,
-            default_size_px=desc.default_size_px, max_steps=cfg.max_steps, default_steps=8,
+            default_size_px=desc.default_size_px, max_steps=cfg.max_steps, default_steps=desc.default_steps,
+            default_guidance_scale=desc.default_guidance_scale,
             max_num_images=cfg.max_num_images, max_prompt_chars=cfg.max_prompt_chars,
             max_guidance_scale=cfg.max_guidance_scale, max_loras_per_request=cfg.engine.max_loras_per_request,
             max_lora_scale=cfg.engine.max_lora_scale,
@@ -228,7 +229,7 @@ class ZImageServer:
             quant_backend=desc.quant_backend, compiled=desc.compiled, attention_backend=desc.attention_backend,
             batching=cfg.scheduler.batching,
             defaults=pb.Defaults(width_px=limits.default_size_px, height_px=limits.default_size_px,
-                                 steps=limits.default_steps, guidance_scale=0.0,
+                                 steps=limits.default_steps, guidance_scale=limits.default_guidance_scale,
                                  output_format=format_to_pb(ImageFormat.PNG), quality=limits.default_quality,
                                  preview_max_side_px=limits.default_preview_side_px),
             limits=pb.Limits(

@@ -35,6 +35,14 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("--model", "engine", "model", "str", "tiny | bench | full (built-in presets) | diffusers dir | hub id"),
+    Option("--transformer", "engine", "transformer", "str",
+           "single-file transformer checkpoint (.safetensors, community layout) replacing the model's"),
+    Option("--default-steps", "engine", "default_steps", "int", "steps of requests that leave them 0 (default: the model's)"),
+    Option("--default-guidance-scale", "engine", "default_guidance_scale", "float",
+           "guidance of requests that leave it unset (default: the model's; 0 for Turbo)"),
+    Option("--default-size-px", "engine", "default_size_px", "int", "width/height of requests that leave them 0"),
+    Option("--min-size-px", "engine", "min_size_px", "int", "smallest width/height accepted (default: the model's)"),
+    Option("--max-size-px", "engine", "max_size_px", "int", "largest width/height accepted (default: the model's)"),
     Option("--device", "engine", "device", "str", "auto | cpu | cuda | cuda:N (auto: cuda when present)"),
     Option("--dtype", "engine", "dtype", "str", "auto | bfloat16 | float16 | float32 (auto: bf16 on cuda)"),
     Option("--compile", "engine", "compile", "bool", "torch.compile the transformer's repeated blocks"),

@@ -14,6 +14,13 @@ class EngineConfig:
     """How the model is loaded and run."""
 
     model: str = "tiny"
+    transformer: str = ""  # a single-file transformer checkpoint replacing the model's
+    # Request defaults and size limits: None takes them from the model (engine.checkpoints.model_defaults).
+    default_steps: int | None = None
+    default_guidance_scale: float | None = None
+    default_size_px: int | None = None
+    min_size_px: int | None = None
+    max_size_px: int | None = None
     device: str = "auto"  # auto: cuda when present, else cpu
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     compile: bool = False
@@ -45,6 +52,14 @@ class EngineConfig:
             raise ConfigError(f"--decode must be batched or per_image (got {self.decode!r})")
         if self.max_sequence_length < 16:
             raise ConfigError("--max-sequence-length must be at least 16")
+        if self.default_steps is not None and self.default_steps < 1:
+            raise ConfigError(f"--default-steps must be >= 1 (got {self.default_steps})")
+        if self.default_guidance_scale is not None and not self.default_guidance_scale >= 0:
+            raise ConfigError(f"--default-guidance-scale must be >= 0 (got {self.default_guidance_scale})")
+        for flag, value in (("--default-size-px", self.default_size_px), ("--min-size-px", self.min_size_px),
+                            ("--max-size-px", self.max_size_px)):
+            if value is not None and (value < 16 or value % 16):
+                raise ConfigError(f"{flag} must be a positive multiple of 16 (got {value})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,3 +146,9 @@ class ServerConfig:
             raise ConfigError("--log-format must be text or json")
         if self.max_num_images < 1 or self.max_steps < 1:
             raise ConfigError("--max-num-images and --max-steps must be >= 1")
+        if self.engine.default_steps is not None and self.engine.default_steps > self.max_steps:
+            raise ConfigError(f"--default-steps {self.engine.default_steps} is above --max-steps {self.max_steps}")
+        guidance = self.engine.default_guidance_scale
+        if guidance is not None and guidance > self.max_guidance_scale:
+            raise ConfigError(f"--default-guidance-scale {guidance} is above --max-guidance-scale "
+                              f"{self.max_guidance_scale}")

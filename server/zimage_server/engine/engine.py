@@ -26,12 +26,14 @@ from typing import Any
 import numpy as np
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 
 from ..config import ConfigError, EngineConfig
 from ..types import GenerationRequest, ImageFormat, LoraRef
 from . import accel
 from .lora import LoraRegistry
-from .presets import PRESETS, build_preset
+from . import checkpoints
+from .presets import PRESETS
 from .previews import LatentPreviewer
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,10 @@ class ModelDescription:
     attention_backend: str
     offload: bool
     compile_s: float = 0.0
+    default_steps: int = 8
+    default_guidance_scale: float = 0.0
+    distilled: bool = True  # Turbo: few steps, no guidance (see engine.checkpoints.is_distilled)
+    transformer_file: str = ""  # --transformer, when it replaced the model's transformer
 
 
 @dataclasses.dataclass(eq=False)
@@ -111,7 +117,7 @@ class ZImageEngine:
         self.tokenizer = pipe.tokenizer
         self.vae = pipe.vae
         self._scheduler_config = pipe.scheduler.config
-        self._schedules: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._schedules: dict[tuple[int, float | None], tuple[torch.Tensor, torch.Tensor]] = {}
         self._previewer = LatentPreviewer(self.device)
         self._embed_cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._embed_cache_size = 64
@@ -128,18 +134,9 @@ class ZImageEngine:
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
         accel.check_combination(config, device)
-        if config.model in PRESETS:
-            spec = PRESETS[config.model]
-            components = build_preset(config.model, device if not config.offload else torch.device("cpu"), dtype)
-            pipe = ZImagePipeline(**components)
-            sizes = (spec.default_size_px, spec.min_size_px, spec.max_size_px)
-            is_preset = True
-        else:
-            pipe = ZImagePipeline.from_pretrained(config.model, torch_dtype=dtype)
-            if not config.offload:
-                pipe.to(device)
-            sizes = (1024, 256, 2048)
-            is_preset = False
+        # Offload keeps every component on the CPU until the offload hooks move it (accel.apply).
+        pipe = checkpoints.load_pipeline(config, device if not config.offload else torch.device("cpu"), dtype)
+        limits = resolve_limits(config, checkpoints.model_defaults(config, pipe))
         pipe.set_progress_bar_config(disable=True)
         loras = None
         if config.lora_dir:
@@ -160,13 +157,17 @@ class ZImageEngine:
         transformer = pipe.transformer
         description = ModelDescription(
             model_id=config.model,
-            is_preset=is_preset,
+            is_preset=config.model in PRESETS,
             device=str(device),
             dtype=str(dtype).removeprefix("torch."),
-            default_size_px=sizes[0],
-            min_size_px=sizes[1],
-            max_size_px=sizes[2],
-            size_multiple_px=2 * VAE_SCALE,
+            default_size_px=limits.default_size_px,
+            min_size_px=limits.min_size_px,
+            max_size_px=limits.max_size_px,
+            size_multiple_px=limits.size_multiple_px,
+            default_steps=limits.default_steps,
+            default_guidance_scale=limits.default_guidance_scale,
+            distilled=limits.distilled,
+            transformer_file=config.transformer,
             max_prompt_tokens=config.max_sequence_length,
             transformer_parameters=accel.parameter_count(transformer),
             transformer_weight_bytes=accel.weight_bytes(transformer),
@@ -180,17 +181,38 @@ class ZImageEngine:
         return cls(pipe, config, description, loras)
 
     # ------------------------------------------------------------------ schedule
-    def schedule(self, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sigmas (steps + 1) and transformer timesteps (steps) exactly as the pipeline computes them."""
-        if steps not in self._schedules:
+    def schedule(self, steps: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sigmas (steps + 1) and transformer timesteps (steps) exactly as the pipeline computes them.
+
+        With ``use_dynamic_shifting`` the shift depends on the image's sequence length (``mu``, as
+        ZImagePipeline computes it), so the cache is keyed by (steps, mu); with a static shift (Turbo)
+        ``mu`` is unused and one entry per step count serves every resolution.
+        """
+        mu = self.shift_mu(width, height)
+        key = (steps, mu)
+        if key not in self._schedules:
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(self._scheduler_config)
-            # Z-Image's default sigmas; Turbo's static shift makes mu irrelevant, but pass it as the pipeline does.
-            sigmas = torch.linspace(1.0, 1 / steps, steps).tolist()
-            kwargs = {"mu": 0.5} if scheduler.config.get("use_dynamic_shifting", False) else {}
+            sigmas = get_default_z_image_sigmas(steps)
+            kwargs = {} if mu is None else {"mu": mu}
             scheduler.set_timesteps(sigmas=sigmas, device=self.device, **kwargs)
             model_t = torch.stack([(1000 - t) / 1000 for t in scheduler.timesteps])
-            self._schedules[steps] = (scheduler.sigmas.to(torch.float32), model_t)
-        return self._schedules[steps]
+            self._schedules[key] = (scheduler.sigmas.to(torch.float32), model_t)
+        return self._schedules[key]
+
+    def shift_mu(self, width: int, height: int) -> float | None:
+        """The pipeline's ``mu`` for an image of this size; None when the scheduler's shift is static."""
+        config = self._scheduler_config
+        if not config.get("use_dynamic_shifting", False):
+            return None
+        # Latent patches of 2x2 over an 8x-downsampled image: the pipeline's image_seq_len.
+        image_seq_len = (height // (2 * VAE_SCALE)) * (width // (2 * VAE_SCALE))
+        return calculate_shift(
+            image_seq_len,
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        )
 
     # ------------------------------------------------------------------ stages
     def _check_fault(self, stage: str, ids: Sequence[str]) -> None:
@@ -237,7 +259,7 @@ class ZImageEngine:
         embeds = dict(zip(prompts, self.encode_prompts(prompts), strict=True))
         out: list[list[Slot]] = []
         for r in requests:
-            sigmas, model_t = self.schedule(r.steps)
+            sigmas, model_t = self.schedule(r.steps, r.width, r.height)
             slots = []
             for index, seed in enumerate(r.image_seeds()):
                 out_shape = (1, self.transformer.config.in_channels, r.height // VAE_SCALE, r.width // VAE_SCALE)
@@ -397,6 +419,36 @@ class ZImageEngine:
             "allocated": torch.cuda.memory_allocated(self.device),
             "reserved": torch.cuda.memory_reserved(self.device),
         }
+
+
+def resolve_limits(config: EngineConfig, model: checkpoints.ModelDefaults) -> checkpoints.ModelDefaults:
+    """The model's defaults with the flags' overrides applied, checked against each other and the model."""
+    def pick(flag_value, model_value):
+        return model_value if flag_value is None else flag_value
+
+    limits = dataclasses.replace(
+        model,
+        default_size_px=pick(config.default_size_px, model.default_size_px),
+        min_size_px=pick(config.min_size_px, model.min_size_px),
+        max_size_px=pick(config.max_size_px, model.max_size_px),
+        default_steps=pick(config.default_steps, model.default_steps),
+        default_guidance_scale=pick(config.default_guidance_scale, model.default_guidance_scale),
+    )
+    if limits.max_size_px > model.max_size_limit_px:
+        raise ConfigError(f"--max-size-px {limits.max_size_px} is beyond what the model can address "
+                          f"({model.max_size_limit_px} px: its RoPE table); lower it")
+    for name, value in (("--default-size-px", limits.default_size_px), ("--min-size-px", limits.min_size_px),
+                        ("--max-size-px", limits.max_size_px)):
+        if value % limits.size_multiple_px:
+            raise ConfigError(f"{name} {value} is not a multiple of the model's {limits.size_multiple_px} px")
+    if not limits.min_size_px <= limits.default_size_px <= limits.max_size_px:
+        raise ConfigError(f"sizes must satisfy min <= default <= max; got min {limits.min_size_px}, default "
+                          f"{limits.default_size_px}, max {limits.max_size_px} (--min-size-px, --default-size-px, "
+                          "--max-size-px)")
+    log.info("request defaults: %d px, %d steps, guidance %g (%s); sizes %d..%d px", limits.default_size_px,
+             limits.default_steps, limits.default_guidance_scale, model.reason, limits.min_size_px,
+             limits.max_size_px)
+    return limits
 
 
 def resolve_device(name: str) -> torch.device:

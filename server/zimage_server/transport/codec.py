@@ -41,6 +41,7 @@ class Limits:
     max_guidance_scale: float
     max_loras_per_request: int
     max_lora_scale: float
+    default_guidance_scale: float = 0.0  # for requests that leave guidance_scale unset
     default_quality: int = 90
     default_preview_side_px: int = 256
     max_preview_side_px: int = 1024
@@ -84,7 +85,7 @@ def decode_request(msg: pb.GenerateRequest, limits: Limits, *, rpc: str, stream:
     num_images = msg.num_images or 1
     if not 1 <= num_images <= limits.max_num_images:
         bad("num_images", f"must be between 1 and {limits.max_num_images} (got {msg.num_images})")
-    guidance = msg.guidance_scale
+    guidance = msg.guidance_scale if msg.HasField("guidance_scale") else limits.default_guidance_scale
     if not math.isfinite(guidance) or not 0 <= guidance <= limits.max_guidance_scale:
         bad("guidance_scale", f"must be between 0 and {limits.max_guidance_scale} (got {guidance})")
 
