@@ -46,7 +46,7 @@ from zimage_server.errors import (
 )
 from zimage_server.transport.codec import Limits, decode_request
 
-from test_bridge import Gate, eventually, requests_total
+from test_bridge import Gate, eventually, requests_total, sse_events
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,11 +61,12 @@ async def openai_server(make_server):
     """Factory: (server, AsyncOpenAI client) for a started server with the bridge on an ephemeral port."""
     started = []
 
-    async def factory(*, api_key: str = "unused", **overrides):
+    async def factory(*, api_key: str = "unused", heartbeat_s: float = 15.0, **overrides):
         server = await make_server(**overrides)
-        bridge = await start_bridge(server, "127.0.0.1", 0)
+        bridge = await start_bridge(server, "127.0.0.1", 0, heartbeat_s=heartbeat_s)
         # max_retries=0: the tests look at each answer, not at the SDK's retry loop.
         client = openai.AsyncOpenAI(base_url=f"{bridge.url}/v1", api_key=api_key, max_retries=0)
+        client.bridge_url = bridge.url  # for the tests that speak raw HTTP
         started.append((bridge, client))
         return server, client
 
@@ -262,6 +263,29 @@ async def test_disconnect_cancels_the_request(openai_server, tiny_engine):
     assert server.metrics.registry.get_sample_value("zimage_cancelled_requests_total", {"stage": "running"}) == 1
 
 
+async def test_closing_a_stream_while_queued_cancels_and_frees_the_slot(openai_server, tiny_engine):
+    server, client = await openai_server(heartbeat_s=0.05, max_batch_size=1)
+    gate = Gate(tiny_engine)
+    try:
+        first = asyncio.create_task(client.images.generate(prompt="first", size="64x64", extra_body={"steps": 2}))
+        await eventually(lambda: server.scheduler.running_count == 1)
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(f"{client.bridge_url}/v1/images/generations",
+                                          json={"prompt": "second", "stream": True, "partial_images": 1})
+            assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+            async for name, _, _ in sse_events(response):
+                assert name == "comment"  # keep-alive while it waits; no event yet
+                break
+            assert server.scheduler.queue_depth == 1
+            response.close()
+            await eventually(lambda: server.scheduler.queue_depth == 0)
+            await eventually(lambda: requests_total(server, "OpenAIImagesGenerations", "CANCELLED") == 1)
+    finally:
+        gate.open()
+    assert len((await first).data) == 1
+    assert server.metrics.registry.get_sample_value("zimage_cancelled_requests_total", {"stage": "queued"}) == 1
+
+
 async def test_edits_answer_501_until_image_inputs_exist(openai_server):
     server, client = await openai_server()
     png = io.BytesIO()
@@ -282,6 +306,36 @@ async def test_request_log_line_has_grpc_fields(openai_server, caplog):
                  "loras", "batch_size", "queue_s", "inference_s", "decode_s", "prompt"):
         assert name in fields, name
     assert fields["code"] == "OK" and fields["seed"] == 3 and fields["user"] == "u-1"
+
+
+# ---------------------------------------------------------------------- LoRA adapters as models
+async def test_adapters_are_listed_as_models_and_selected_by_model(make_server, tiny_engine, tmp_path):
+    from test_lora import load_engine, peft_lora, save_diffusers
+
+    save_diffusers(tmp_path, "ink", *peft_lora(tiny_engine.transformer, seed=1))
+    server = await make_server(engine=load_engine(tmp_path))
+    bridge = await start_bridge(server, "127.0.0.1", 0)
+    client = openai.AsyncOpenAI(base_url=f"{bridge.url}/v1", api_key="unused", max_retries=0)
+    try:
+        models = [m async for m in client.models.list()]
+        assert [(m.id, m.model_extra.get("parent")) for m in models] == [("tiny", None), ("ink", "tiny")]
+        assert (await client.models.retrieve("ink")).model_extra["parent"] == "tiny"
+        call = {"prompt": "a lighthouse", "size": "64x64"}
+
+        async def pixels(**kwargs) -> bytes:
+            result = await client.images.generate(**call, **kwargs)
+            return decode(result.data[0].b64_json).tobytes()
+
+        by_model = await pixels(model="ink", extra_body={"seed": 7, "steps": 2})
+        by_loras = await pixels(extra_body={"seed": 7, "steps": 2, "loras": [{"name": "ink", "scale": 1.0}]})
+        base = await pixels(model="tiny", extra_body={"seed": 7, "steps": 2})
+        assert by_model == by_loras and by_model != base
+        with pytest.raises(openai.NotFoundError) as caught:
+            await client.images.generate(**call, extra_body={"loras": [{"name": "nope", "scale": 1.0}]})
+        assert caught.value.param == "loras[0].name"
+    finally:
+        await client.close()
+        await bridge.close()
 
 
 # ---------------------------------------------------------------------- pure parsing and rendering

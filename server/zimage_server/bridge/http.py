@@ -19,6 +19,7 @@ Routes (all JSON bodies use the proto3 JSON mapping; camelCase and snake_case ar
 - ``GET /v1/model``  GetModelInfoResponse.
 - ``GET /healthz``   200 once the model serves, 503 before and while draining.
 - ``GET /``          the demo page (static/index.html).
+- ``/v1/images/*``, ``/v1/models``: the OpenAI-compatible Images API (bridge.openai), on this same app.
 
 Errors before a stream begins are HTTP statuses with the body
 ``{"code": "INVALID_ARGUMENT", "message": ..., "field_violations": [{"field", "description"}]}``;
@@ -274,7 +275,7 @@ class Bridge:
         # The OpenAI-compatible Images API: same app (middlewares, size cap), same token, same service.
         from .openai import OpenAIRoutes  # here, not at the top: bridge.openai builds on this module
 
-        OpenAIRoutes(self._server, self._authorized, clock=self._clock).register(app)
+        OpenAIRoutes(self._server, self._authorized, heartbeat_s=self._heartbeat_s, clock=self._clock).register(app)
         return app
 
     # ------------------------------------------------------------------ helpers

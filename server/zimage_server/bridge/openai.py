@@ -344,9 +344,10 @@ def model_object(model_id: str, created: int, parent: str | None = None) -> dict
 class OpenAIRoutes:
     """The OpenAI-compatible routes over a ZImageServer's service; registered on the bridge's app."""
 
-    def __init__(self, server: Any, authorized: Callable[[web.Request], bool], *,
+    def __init__(self, server: Any, authorized: Callable[[web.Request], bool], *, heartbeat_s: float = 15.0,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self._server = server
+        self._heartbeat_s = heartbeat_s
         self._service = server.service
         self._authorized = authorized
         self._clock = clock
@@ -432,9 +433,11 @@ class OpenAIRoutes:
         response = web.StreamResponse(headers=SSE_HEADERS)
         code, failure, result = grpc.StatusCode.CANCELLED, None, None  # unless the stream reaches its end
         partial_index = {step: i for i, step in enumerate(sorted(domain.preview.at_steps))} if domain.preview else {}
+        heartbeat: asyncio.Task[None] | None = None
         try:
             await response.prepare(request)
             sse = SseStream(response)
+            heartbeat = asyncio.create_task(self._heartbeat(sse))
             try:
                 async for event in handle.events():
                     now = int(self._wall_clock())
@@ -456,9 +459,20 @@ class OpenAIRoutes:
         except ConnectionResetError:
             pass  # the client went away between events; the finally clause frees the slot
         finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
             handle.cancel()  # a no-op once finished; otherwise the request leaves the queue or its batch
             self._finish(rpc, started, code, domain, result, failure, parsed.user)
         return response
+
+    async def _heartbeat(self, sse: SseStream) -> None:
+        """A comment every heartbeat_s while a request waits, so idle proxies keep the stream (SDKs skip comments)."""
+        try:
+            while True:
+                await asyncio.sleep(self._heartbeat_s)
+                await sse.comment("keep-alive")
+        except ConnectionResetError:
+            return  # the handler sees the disconnect too (it is cancelled)
 
     async def edits(self, request: web.Request) -> web.Response:
         """POST /v1/images/edits: not served until the engine takes image inputs."""
