@@ -13,6 +13,32 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CI (set by .ci/run) must run every test: a skip there means a missing tool or extra, i.e. a broken CI.
+IN_CI = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _fail_skip(report) -> None:
+    """Turn a skip into a failure that says why the test would have been skipped."""
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    report.outcome = "failed"
+    report.longrepr = f"skipped in CI, which must run every test: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        _fail_skip(report)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # Module-level skips (pytest.importorskip, pytest.skip(allow_module_level=True)) happen at collection.
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped:
+        _fail_skip(report)
 
 
 def free_port() -> int:

@@ -179,6 +179,22 @@ async def test_token_auth_rejects_missing_and_wrong_tokens_and_counts_them(make_
     assert server.metrics.requests.labels(rpc="Generate", code="OK")._value.get() == 1
 
 
+async def test_unknown_methods_share_one_metric_label(make_server, token_file):
+    """The method path is the client's choice: random names must not become label values."""
+    server = await make_server(auth_token_file=str(token_file))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        for name in ("/zimage.v1.ImageGenerationService/Nope1", "/zimage.v1.ImageGenerationService/Nope2",
+                     "/evil.Service/Random"):
+            call = channel.unary_unary(name, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(b"")
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    labels = {s.labels["rpc"] for metric in server.metrics.registry.collect() if metric.name == "zimage_requests"
+              for s in metric.samples}
+    assert labels == {"unknown"}
+    assert unauthenticated(server, "unknown") == 3
+
+
 def test_metrics_bind_loopback_by_default_when_auth_is_on():
     assert config_from_args([], {}).metrics_host == "0.0.0.0"
     assert config_from_args(["--auth-token-file", "/t"], {}).metrics_host == "127.0.0.1"

@@ -6,10 +6,16 @@ import hmac
 import pathlib
 
 import grpc
+from zimage.v1 import zimage_pb2 as pb
 
 from ..metrics import Metrics
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# Metric label values come from this fixed set: the method path is chosen by the (unauthenticated)
+# client, so labelling with it would let anyone create unlimited series.
+_SERVICE = pb.DESCRIPTOR.services_by_name["ImageGenerationService"]
+KNOWN_RPCS = {f"/{_SERVICE.full_name}/{m.name}": m.name for m in _SERVICE.methods}
+UNKNOWN_RPC = "unknown"
 
 
 def load_token(path: str) -> bytes:
@@ -46,6 +52,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if hmac.compare_digest(supplied, self._token):
             return await continuation(handler_call_details)
         self._metrics.rejected.labels(reason="unauthenticated").inc()
-        rpc = method.rsplit("/", 1)[-1]
+        rpc = KNOWN_RPCS.get(method, UNKNOWN_RPC)
         self._metrics.requests.labels(rpc=rpc, code="UNAUTHENTICATED").inc()
         return self._deny_stream if rpc == "StreamProgress" else self._deny_unary

@@ -1,0 +1,543 @@
+"""Soak test: thousands of mixed requests against one real server process; leaks and lost requests fail it.
+
+Starts ``zimage-server --model tiny`` as a subprocess (auth token on, metrics and the HTTP bridge on),
+then sends ``--requests`` requests from ``--concurrency`` workers, each one of these kinds:
+
+- ``generate``      Generate: random size, steps, images, CFG with a negative prompt, a prompt drawn from a
+                    pool larger than the prompt-embedding cache.
+- ``stream_slow``   StreamProgress with a preview every step, read slowly (a sleep between events).
+- ``cancel``        StreamProgress or Generate cancelled by the client after a random delay or event count.
+- ``deadline``      Generate with a short gRPC deadline (either completes or ends DEADLINE_EXCEEDED).
+- ``invalid``       a request with one bad field (INVALID_ARGUMENT).
+- ``unknown``       an unknown method with a random name, with or without the token.
+- ``unauth``        a valid request without the token (UNAUTHENTICATED).
+- ``http``          POST /v1/generate, or GET /v1/stream read slowly, or an invalid JSON body (400).
+
+Checks (exit status 1 when one fails; the test tests/test_soak.py runs it with a small count):
+
+- every request ends with a status its kind allows (no INTERNAL, no UNKNOWN, no hang past its timeout);
+- every request is accounted for: the server's ``zimage_requests_total`` grows by exactly the number of
+  requests that reach the service (all but unknown methods with a valid token, which gRPC answers
+  UNIMPLEMENTED before any handler runs; and a request whose deadline passed before gRPC handed it to
+  the service may be missing), and the queue and running gauges return to 0;
+- after warm-up (the first ``--warmup`` requests, which visit every kind in turn), the number of metric
+  series in a scrape stays flat (at most ``--series-slack`` new series: a rare status code seen late);
+- after warm-up, the server's RSS does not grow with the request count: the least-squares slope of the RSS
+  samples is below ``--max-rss-slope-kib`` KiB per 100 requests. RSS climbs for the first few hundred
+  requests (new shapes, allocator arenas) and then plateaus (measured: 3000 requests, see
+  bench/results/soak.json), so short runs need a looser limit and only catch gross leaks.
+
+    python bench/soak.py --requests 3000 --concurrency 12 --json bench/results/soak.json
+    python bench/soak.py --requests 300  # about a minute on a shared 2-core machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+import grpc
+from zimage.v1 import zimage_pb2 as pb
+from zimage.v1 import zimage_pb2_grpc as pb_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TOKEN = "soak-token"
+KINDS = ("generate", "stream_slow", "cancel", "deadline", "invalid", "unknown", "unauth", "http")
+# The share of each kind after warm-up (warm-up visits them in turn).
+WEIGHTS = {"generate": 30, "stream_slow": 12, "cancel": 12, "deadline": 10, "invalid": 12, "unknown": 8,
+           "unauth": 6, "http": 10}
+# The statuses each kind may end with. RESOURCE_EXHAUSTED: the queue was full (allowed, counted).
+ALLOWED = {
+    "generate": {"OK", "RESOURCE_EXHAUSTED"},
+    "stream_slow": {"OK", "RESOURCE_EXHAUSTED"},
+    "cancel": {"CANCELLED", "OK", "RESOURCE_EXHAUSTED"},
+    "deadline": {"OK", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"},
+    "invalid": {"INVALID_ARGUMENT"},
+    "unknown": {"UNIMPLEMENTED", "UNAUTHENTICATED"},
+    "unauth": {"UNAUTHENTICATED"},
+    "http": {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},
+}
+SUBJECTS = ("a red fox in snow", "a lighthouse in a storm", "ramen on a table", "an astronaut on a horse",
+            "a map of an island", "a cat reading", "a neon street at night", "a bonsai in a sphere",
+            "山间小屋", "a paper boat")
+SIZES = (64, 96, 128, 160, 192)
+HTTP_STATUS_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Outcome:
+    index: int
+    kind: str
+    code: str
+    rpc: str  # the rpc label the server counts it under ("" when the server does not count it)
+    request_id: str
+    seconds: float
+
+    @property
+    def counted(self) -> bool:
+        return bool(self.rpc)
+
+
+# ---------------------------------------------------------------------- the server process
+class ServerProcess:
+    """``zimage-server --model tiny`` with auth, metrics and the HTTP bridge on free loopback ports."""
+
+    def __init__(self, workdir: pathlib.Path, extra_args: list[str]):
+        self.port, self.metrics_port, self.http_port = free_port(), free_port(), free_port()
+        token_file = workdir / "token"
+        token_file.write_text(TOKEN + "\n")
+        self.log_path = workdir / "server.log"
+        args = [sys.executable, "-m", "zimage_server.cli", "--model", "tiny", "--host", "127.0.0.1",
+                "--port", str(self.port), "--metrics-host", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+                "--http-host", "127.0.0.1", "--http-port", str(self.http_port), "--auth-token-file", str(token_file),
+                "--log-level", "WARNING", "--max-steps", "8", "--drain-timeout-s", "5", *extra_args]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def wait_serving(self, timeout_s: float = 120.0) -> None:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        deadline = time.monotonic() + timeout_s
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_tail()}")
+                try:
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise RuntimeError(f"server not SERVING after {timeout_s} s: {self.log_tail()}")
+
+    def rss_bytes(self) -> int:
+        for line in pathlib.Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def scrape(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
+            return reply.read().decode()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def log_tail(self, n: int = 3000) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text()[-n:]
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s")
+
+
+def series(text: str) -> set[str]:
+    """The metric series (name and labels) of a Prometheus text scrape."""
+    return {m.group(1) + (m.group(2) or "") for line in text.splitlines() if (m := _SAMPLE.match(line))}
+
+
+KNOWN_RPCS = ("Generate", "StreamProgress", "HttpGenerate", "HttpStream")
+_RPC = re.compile(r'rpc="([^"]*)"')
+
+
+def requests_by_rpc(text: str) -> collections.Counter[str]:
+    """zimage_requests_total by rpc label; labels of unknown methods are pooled as "(unknown)"."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in text.splitlines():
+        if line.startswith("zimage_requests_total{"):
+            rpc = _RPC.search(line).group(1)
+            counts[rpc if rpc in KNOWN_RPCS else "(unknown)"] += float(line.rsplit(" ", 1)[1])
+    return counts
+
+
+def sample_value(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+# ---------------------------------------------------------------------- the workload
+class Workload:
+    def __init__(self, server: ServerProcess, rng: random.Random, timeout_s: float):
+        self.server = server
+        self.rng = rng
+        self.timeout_s = timeout_s
+        self.auth = (("authorization", f"Bearer {TOKEN}"),)
+        self.channel = grpc.aio.insecure_channel(server.target)
+        self.stub = pb_grpc.ImageGenerationServiceStub(self.channel)
+        self.http = None  # aiohttp.ClientSession, made on the running loop
+        self.sent = 0
+
+    async def close(self) -> None:
+        await self.channel.close()
+        if self.http is not None:
+            await self.http.close()
+
+    def valid_request(self, note: dict[str, str], *, preview: bool = False) -> pb.GenerateRequest:
+        rng = self.rng
+        prompt = rng.choice(SUBJECTS)
+        if rng.random() < 0.5:  # a pool of ~200 distinct prompts: more than the embedding cache holds
+            prompt += f", variation {rng.randrange(20)}"
+        msg = pb.GenerateRequest(prompt=prompt, width=rng.choice(SIZES), height=rng.choice(SIZES),
+                                 steps=rng.randint(1, 4), seed=rng.randrange(2**32), num_images=rng.choice((1, 1, 2)))
+        if rng.random() < 0.3:
+            msg.guidance_scale = rng.choice((1.5, 3.0))
+            msg.negative_prompt = rng.choice(("blurry", "low quality", ""))
+        if rng.random() < 0.2:
+            msg.output_format = pb.IMAGE_FORMAT_JPEG
+        if preview:
+            msg.preview.every_n_steps = 1
+        self.sent += 1
+        msg.request_id = note["id"] = f"soak-{self.sent}"  # names the request in the server's log
+        return msg
+
+    def invalid_request(self, note: dict[str, str]) -> pb.GenerateRequest:
+        msg = self.valid_request(note)
+        field = self.rng.randrange(6)
+        if field == 0:
+            msg.width = 63
+        elif field == 1:
+            msg.prompt = ""
+        elif field == 2:
+            msg.steps = 10_000
+        elif field == 3:
+            msg.guidance_scale = float("nan")
+        elif field == 4:
+            msg.num_images = 99
+        else:
+            msg.request_id = "\x00bad id"
+        return msg
+
+    async def run(self, index: int, kind: str) -> Outcome:
+        started = time.monotonic()
+        note: dict[str, str] = {"rpc": ""}  # the method sets the rpc label the server will count
+        try:
+            code = await asyncio.wait_for(getattr(self, "_" + kind)(note), self.timeout_s)
+        except TimeoutError:
+            code = "HUNG"
+        return Outcome(index, kind, code, note["rpc"], note.get("id", ""), time.monotonic() - started)
+
+    async def _generate(self, note: dict[str, str]) -> str:
+        return await self._unary(note, self.valid_request(note))
+
+    async def _unary(self, note: dict[str, str], msg: pb.GenerateRequest, *, timeout: float | None = None,
+                     metadata=None) -> str:
+        note["rpc"] = "Generate"
+        try:
+            reply = await self.stub.Generate(msg, metadata=self.auth if metadata is None else metadata,
+                                             timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        if len(reply.images) != max(1, msg.num_images):
+            return "WRONG_IMAGE_COUNT"
+        return "OK"
+
+    async def _stream_slow(self, note: dict[str, str]) -> str:
+        note["rpc"] = "StreamProgress"
+        call = self.stub.StreamProgress(self.valid_request(note, preview=True), metadata=self.auth)
+        try:
+            async for event in call:
+                if event.WhichOneof("event") == "completed":
+                    break
+                await asyncio.sleep(self.rng.uniform(0.01, 0.08))  # a slow reader: the server must not pile up
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    async def _cancel(self, note: dict[str, str]) -> str:
+        if self.rng.random() < 0.5:
+            note["rpc"] = "StreamProgress"
+            call = self.stub.StreamProgress(self.valid_request(note, preview=self.rng.random() < 0.5), metadata=self.auth)
+            stop_after = self.rng.randrange(3)
+            try:
+                n = 0
+                async for event in call:
+                    if event.WhichOneof("event") == "completed":
+                        return "OK"
+                    n += 1
+                    if n > stop_after:
+                        call.cancel()
+                        return "CANCELLED"
+            except asyncio.CancelledError:
+                return "CANCELLED"
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            return "OK"
+        note["rpc"] = "Generate"
+        call = self.stub.Generate(self.valid_request(note), metadata=self.auth)
+        await asyncio.sleep(self.rng.uniform(0.05, 0.3))  # after the server took it: it counts it
+        if call.done():
+            code = (await call.code()).name
+            return code
+        call.cancel()
+        try:
+            await call
+        except asyncio.CancelledError:
+            return "CANCELLED"
+        except grpc.aio.AioRpcError as exc:
+            return exc.code().name
+        return "OK"
+
+    async def _deadline(self, note: dict[str, str]) -> str:
+        return await self._unary(note, self.valid_request(note), timeout=self.rng.uniform(0.3, 2.0))
+
+    async def _invalid(self, note: dict[str, str]) -> str:
+        return await self._unary(note, self.invalid_request(note))
+
+    async def _unknown(self, note: dict[str, str]) -> str:
+        name = "".join(self.rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(12))
+        method = self.rng.choice((f"/zimage.v1.ImageGenerationService/{name}", f"/{name}.v1.Svc/Call"))
+        with_token = self.rng.random() < 0.5
+        call = self.channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        try:
+            await call(b"", metadata=self.auth if with_token else (("authorization", "Bearer wrong"),), timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+        else:
+            code = "OK"
+        # gRPC answers UNIMPLEMENTED itself when the interceptor lets the call through: no handler counts it.
+        note["rpc"] = "(unknown)" if code == "UNAUTHENTICATED" else ""
+        return code
+
+    async def _unauth(self, note: dict[str, str]) -> str:
+        metadata = self.rng.choice(((), (("authorization", "Bearer nope"),)))
+        return await self._unary(note, self.valid_request(note), metadata=metadata)
+
+    async def _http(self, note: dict[str, str]) -> str:
+        import aiohttp
+
+        if self.http is None:
+            self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
+        base = f"http://127.0.0.1:{self.server.http_port}"
+        msg = self.valid_request(note)
+        choice = self.rng.randrange(3)
+        if choice == 0:
+            from google.protobuf import json_format
+
+            body = json_format.MessageToJson(msg)
+            note["rpc"] = "HttpGenerate"
+            async with self.http.post(base + "/v1/generate", data=body) as reply:
+                await reply.read()
+                return HTTP_STATUS_CODES.get(reply.status, f"HTTP_{reply.status}")
+        if choice == 1:
+            params = {"prompt": msg.prompt, "width": str(msg.width), "height": str(msg.height),
+                      "steps": str(msg.steps), "preview.everyNSteps": "1"}
+            note["rpc"] = "HttpStream"
+            async with self.http.get(base + "/v1/stream", params=params) as reply:
+                if reply.status != 200:
+                    return HTTP_STATUS_CODES.get(reply.status, f"HTTP_{reply.status}")
+                seen_completed = False
+                async for line in reply.content:
+                    if line.startswith(b"event: completed"):
+                        seen_completed = True
+                    if line.startswith(b"event: error"):
+                        return "SSE_ERROR"
+                    await asyncio.sleep(self.rng.uniform(0.0, 0.02))
+                return ("OK" if seen_completed else "SSE_TRUNCATED")
+        note["rpc"] = "HttpGenerate"
+        bad = self.rng.choice(('{"prompt": ', '{"width": "wide", "prompt": "x"}', '[1, 2]'))
+        async with self.http.post(base + "/v1/generate", data=bad) as reply:
+            await reply.read()
+            return HTTP_STATUS_CODES.get(reply.status, f"HTTP_{reply.status}")
+
+
+def slope_per_100(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs, times 100."""
+    n = len(xs)
+    if n < 2:
+        return 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return 0.0 if var == 0 else 100 * sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var
+
+
+async def soak(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any]:
+    rng = random.Random(args.seed)
+    await server.wait_serving()
+    before = server.scrape()
+    work = Workload(server, rng, args.request_timeout_s)
+    chosen = args.kinds.split(",") if args.kinds else list(KINDS)
+    kinds = [chosen[i % len(chosen)] for i in range(args.warmup)]
+    population, weights = zip(*((k, w) for k, w in WEIGHTS.items() if k in chosen), strict=True)
+    kinds += rng.choices(population, weights, k=max(0, args.requests - args.warmup))
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(kinds)):
+        queue.put_nowait(i)
+    outcomes: list[Outcome] = []
+    rss: list[tuple[int, int]] = []  # (requests finished, RSS bytes) after warm-up
+    series_at: dict[str, int] = {}
+    series_new: set[str] = set()
+    warm_series: set[str] = set()
+    sample_every = max(10, (args.requests - args.warmup) // 40)
+    sampling = asyncio.Lock()
+
+    async def sample() -> None:
+        nonlocal warm_series
+        async with sampling:
+            done = len(outcomes)
+            if done == args.warmup:
+                warm_series = series(await asyncio.to_thread(server.scrape))
+                series_at["warm"] = len(warm_series)
+            if done >= args.warmup and (done - args.warmup) % sample_every == 0:
+                rss.append((done, server.rss_bytes()))
+
+    async def worker() -> None:
+        while True:
+            try:
+                i = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            if i >= args.warmup:
+                while len(outcomes) < args.warmup:  # warm-up ends before the measured part starts
+                    await asyncio.sleep(0.05)
+            outcomes.append(await work.run(i, kinds[i]))
+            await sample()
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+    elapsed = time.monotonic() - started
+    await work.close()
+    # Let the server finish the handlers of cancelled calls, then read the final state.
+    for _ in range(100):
+        after = server.scrape()
+        if sample_value(after, "zimage_queue_depth") == 0 and sample_value(after, "zimage_running_requests") == 0:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    after = server.scrape()
+    rss.append((len(outcomes), server.rss_bytes()))
+    end_series = series(after)
+    series_new = end_series - warm_series
+    series_at["end"] = len(end_series)
+
+    by_kind: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for o in outcomes:
+        by_kind[o.kind][o.code] += 1
+    unexpected = [o for o in outcomes if o.code not in ALLOWED[o.kind]]
+    counted = sum(o.counted for o in outcomes)
+    server_counted = sample_value(after, "zimage_requests_total") - sample_value(before, "zimage_requests_total")
+    client_by_rpc = collections.Counter(o.rpc for o in outcomes if o.rpc)
+    server_by_rpc = requests_by_rpc(after)
+    server_by_rpc.subtract(requests_by_rpc(before))
+    post = [(x, y) for x, y in rss if x >= args.warmup]
+    slope_kib = slope_per_100([x for x, _ in post], [y / 1024 for _, y in post])
+    report = {
+        "requests": len(outcomes), "sent": len(kinds), "concurrency": args.concurrency, "seconds": round(elapsed, 1),
+        "by_kind": {k: dict(v) for k, v in sorted(by_kind.items())},
+        "unexpected": [dataclasses.asdict(o) for o in unexpected[:20]],
+        "client_counted": counted, "server_counted": int(server_counted),
+        "client_by_rpc": dict(sorted(client_by_rpc.items())),
+        "server_by_rpc": {k: int(v) for k, v in sorted(server_by_rpc.items()) if v},
+        "queue_depth_end": sample_value(after, "zimage_queue_depth"),
+        "running_end": sample_value(after, "zimage_running_requests"),
+        "series_after_warmup": series_at.get("warm"), "series_end": series_at["end"],
+        "series_new": sorted(series_new)[:20], "series_new_count": len(series_new),
+        "rss_mib_after_warmup": round(post[0][1] / 2**20, 1) if post else None,
+        "rss_mib_end": round(rss[-1][1] / 2**20, 1),
+        "rss_slope_kib_per_100_requests": round(slope_kib, 1),
+        "outcomes": [dataclasses.asdict(o) for o in outcomes] if args.outcomes else None,
+        "rss_samples_mib": [(x, round(y / 2**20, 1)) for x, y in post],
+    }
+    failures = []
+    if len(outcomes) != len(kinds):
+        failures.append(f"{len(kinds) - len(outcomes)} requests lost")
+    if unexpected:
+        failures.append(f"{len(unexpected)} requests ended with a status their kind does not allow")
+    # A request whose deadline passes before gRPC hands it to the service (the server's loop was busy) is
+    # ended by gRPC itself and never reaches a handler: only those may be missing from the server's count.
+    expired = sum(o.code == "DEADLINE_EXCEEDED" for o in outcomes)
+    report["unseen_by_server"] = int(counted - server_counted)
+    if not counted - expired <= server_counted <= counted:
+        failures.append(f"server counted {server_counted:.0f} requests, the client sent {counted} that reach it "
+                        f"({expired} of them DEADLINE_EXCEEDED)")
+    if report["queue_depth_end"] or report["running_end"]:
+        failures.append("queue or running gauge not back to 0")
+    if len(series_new) > args.series_slack:
+        failures.append(f"{len(series_new)} new metric series after warm-up (slack {args.series_slack})")
+    if slope_kib > args.max_rss_slope_kib:
+        failures.append(f"RSS grows {slope_kib:.0f} KiB per 100 requests (limit {args.max_rss_slope_kib})")
+    report["failures"] = failures
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--warmup", type=int, default=None, help="default: a fifth of --requests, at least 40")
+    parser.add_argument("--concurrency", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", help=f"comma-separated subset of {','.join(KINDS)} (default: all)")
+    parser.add_argument("--request-timeout-s", type=float, default=60.0, help="a request still open then is HUNG")
+    parser.add_argument("--series-slack", type=int, default=4)
+    parser.add_argument("--max-rss-slope-kib", type=float, default=1024.0)
+    parser.add_argument("--json", help="write the report here")
+    parser.add_argument("--server-log", help="keep the server's log here")
+    parser.add_argument("--outcomes", action="store_true", help="list every request in the JSON report")
+    parser.add_argument("server_args", nargs="*", help="extra zimage-server flags (after --)")
+    args = parser.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = max(40, args.requests // 5)
+    args.warmup = min(args.warmup, args.requests)
+    with tempfile.TemporaryDirectory() as tmp:
+        server = ServerProcess(pathlib.Path(tmp), args.server_args)
+        try:
+            report = asyncio.run(soak(args, server))
+        finally:
+            code = server.stop()
+            tail = server.log_tail()
+            if args.server_log:
+                pathlib.Path(args.server_log).write_text(server.log_path.read_text())
+    report["server_exit_code"] = code
+    if code != 0:
+        report["failures"].append(f"server exited with {code} after SIGTERM")
+    print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if report["failures"]:
+        print("SOAK FAILED:\n  " + "\n  ".join(report["failures"]), file=sys.stderr)
+        print("server log tail:\n" + tail, file=sys.stderr)
+        return 1
+    print(f"soak passed: {report['requests']} requests in {report['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
