@@ -120,8 +120,9 @@ async def test_output_format_and_compression(openai_server):
     assert result.output_format == "jpeg"
 
 
-async def test_stream_sends_exactly_the_partial_images_then_the_completed_ones(openai_server):
-    server, client = await openai_server()
+@pytest.mark.parametrize("batching", ["request", "step"])
+async def test_stream_sends_exactly_the_partial_images_then_the_completed_ones(openai_server, batching):
+    server, client = await openai_server(batching=batching)
     stream = await client.images.generate(prompt="a castle", n=2, size="96x64", stream=True, partial_images=2,
                                           extra_body={"seed": 99, "steps": 5})
     events = [event async for event in stream]
