@@ -14,6 +14,14 @@ def req(rid="r", *, seed=42, w=256, h=256, steps=8, g=0.0, n=1, prompt="a red fo
                              preview=None)
 
 
+@pytest.fixture(autouse=True)
+def cold_prompt_cache(tiny_engine):
+    """Every case starts with an empty prompt-embedding cache, so none depends on the order it runs in."""
+    tiny_engine.clear_prompt_cache()
+    yield
+    tiny_engine.clear_prompt_cache()
+
+
 def run(engine, requests):
     slot_lists = engine.start(requests)
     slots = [s for group in slot_lists for s in group]
@@ -54,12 +62,41 @@ def test_image_i_of_a_request_is_reproduced_alone_with_seed_plus_i(tiny_engine):
 
 
 def test_batch_invariance_within_one_level_of_8_bit(tiny_engine):
-    """A seed gives the same image alone or in a batch of 8 (mixed prompts and seeds): every value within +-1."""
-    requests = [req(f"r{i}", seed=100 + i, prompt=f"prompt number {i}", steps=4) for i in range(8)]
+    """A request gives the same images alone or in one mixed batch: prompts of 1 to ~560 characters, three
+    sizes, CFG with negative prompts beside requests without, two images per request: every value within +-1
+    (batched transformer and VAE differ from solo by ~1e-6 / ~3e-5 in float, see docs)."""
+    long_prompt = "a very detailed painting of a harbour at dawn, " * 12
+    requests = [
+        req("short", seed=100, prompt="x", steps=4),
+        req("long", seed=101, prompt=long_prompt, steps=4, w=128, h=192),
+        req("cfg", seed=102, prompt="一只红色的狐狸在雪地里", g=3.0, negative="blurry, low quality", steps=4),
+        req("cfg-small", seed=103, prompt="a lighthouse", g=2.0, negative="", steps=4, w=64, h=64),
+        req("two", seed=104, prompt="two images of a cat", n=2, steps=4, w=128, h=192),
+        req("same-prompt", seed=105, prompt="x", g=1.5, negative="x", steps=4, w=64, h=64),
+    ]
     batched = run(tiny_engine, requests)
-    for request, image in zip(requests, batched, strict=True):
-        solo = run(tiny_engine, [request])[0]
+    assert len(batched) == 7
+    solos = []
+    for request in requests:
+        tiny_engine.clear_prompt_cache()  # the solo run encodes its prompts alone
+        solos += run(tiny_engine, [request])
+    for image, solo in zip(batched, solos, strict=True):
+        assert image.shape == solo.shape
         assert np.abs(image.astype(int) - solo.astype(int)).max() <= 1
+
+
+def test_more_distinct_prompts_than_the_embedding_cache_holds(tiny_engine):
+    """40 CFG requests carry 80 distinct prompts into one start(): entries the batch needs are not evicted
+    while the rest are encoded (it raised KeyError), and the cache stays bounded."""
+    requests = [req(f"r{i}", seed=i, prompt=f"prompt {i}", negative=f"negative {i}", g=2.0, steps=1, w=64, h=64)
+                for i in range(40)]
+    batched = run(tiny_engine, requests)
+    assert len(batched) == 40
+    assert len(tiny_engine._embed_cache) <= tiny_engine._embed_cache_size
+    for i in (0, 39):
+        tiny_engine.clear_prompt_cache()
+        solo = run(tiny_engine, [requests[i]])[0]
+        assert np.abs(batched[i].astype(int) - solo.astype(int)).max() <= 1
 
 
 def test_slots_at_different_steps_and_sizes_share_a_forward(tiny_engine):

@@ -222,7 +222,10 @@ class ZImageEngine:
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> list[torch.Tensor]:
         """Encode prompts in one text-encoder batch (cached by text), as the pipeline does."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._embed_cache]
+        # This call's embeddings are gathered here first: inserting the missing ones may evict entries
+        # this same call needs (more distinct prompts than the cache holds, e.g. a large batch with CFG).
+        found = {p: self._embed_cache[p] for p in dict.fromkeys(prompts) if p in self._embed_cache}
+        missing = [p for p in dict.fromkeys(prompts) if p not in found]
         if missing:
             texts = [
                 self.tokenizer.apply_chat_template(
@@ -241,14 +244,17 @@ class ZImageEngine:
             mask = inputs.attention_mask.to(self.device).bool()
             hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-2]
             for i, prompt in enumerate(missing):
-                self._embed_cache[prompt] = hidden[i][mask[i]].to(self.device)
-                while len(self._embed_cache) > self._embed_cache_size:
-                    self._embed_cache.popitem(last=False)
-        out = []
-        for p in prompts:
+                found[prompt] = hidden[i][mask[i]].to(self.device)
+        for p in found:  # most recently used last, then trim the oldest
+            self._embed_cache[p] = found[p]
             self._embed_cache.move_to_end(p)
-            out.append(self._embed_cache[p])
-        return out
+        while len(self._embed_cache) > self._embed_cache_size:
+            self._embed_cache.popitem(last=False)
+        return [found[p] for p in prompts]
+
+    def clear_prompt_cache(self) -> None:
+        """Forget cached prompt embeddings (tests use it so that no case depends on an earlier one)."""
+        self._embed_cache.clear()
 
     @torch.no_grad()
     def start(self, requests: Sequence[GenerationRequest]) -> list[list[Slot]]:
