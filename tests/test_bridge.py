@@ -417,3 +417,98 @@ async def test_model_info(bridged, session):
         info = await response.json()
     assert info["limits"]["steps"]["max"] == server.config.max_steps
     assert info["defaults"]["widthPx"] == 256
+
+
+# ---------------------------------------------------------------------- hostile input and other web pages
+SMALL_BODY = {"prompt": "a fox", "width": 64, "height": 64, "steps": 1, "seed": 1}
+
+
+def rejected(server, reason):
+    return server.metrics.registry.get_sample_value("zimage_rejected_requests_total", {"reason": reason}) or 0
+
+
+async def test_deeply_nested_json_is_a_400_naming_the_body(bridged, session):
+    """A body nested deeper than the JSON parser's stack raised RecursionError: a bare 500, not logged or counted."""
+    server, bridge = await bridged()
+    deep = "[" * 100_000 + "]" * 100_000
+    async with session.post(f"{bridge.url}/v1/generate", data=deep) as response:
+        assert response.status == 400
+        body = await response.json()
+    assert body["code"] == "INVALID_ARGUMENT" and body["field_violations"][0]["field"] == "body"
+    assert requests_total(server, "HttpGenerate", "INVALID_ARGUMENT") == 1
+    assert rejected(server, "invalid_argument") == 1
+    # A nested query parameter (repeated/message fields are JSON there) and the OpenAI route too.
+    async with session.get(f"{bridge.url}/v1/stream", params={"prompt": "x", "loras": "[" * 2_500}) as response:
+        assert response.status == 400
+        assert (await response.json())["field_violations"][0]["field"] == "loras"
+    async with session.post(f"{bridge.url}/v1/images/generations", data="{\"a\":" * 100_000) as response:
+        assert response.status == 400
+    assert rejected(server, "invalid_argument") == 3
+
+
+async def test_other_web_pages_cannot_start_generations(bridged, session):
+    """With auth off, a page on another site must not make its visitor's browser start work: 403, before any
+    handler runs; no CORS headers for it. The server's own page and non-browser clients are unaffected."""
+    server, bridge = await bridged()
+    evil = {"Origin": "http://evil.example"}
+    text_plain = json.dumps(SMALL_BODY)  # a "simple" request: no preflight in the browser
+    async with session.post(f"{bridge.url}/v1/generate", data=text_plain,
+                            headers=evil | {"Content-Type": "text/plain"}) as response:
+        assert response.status == 403
+        assert "Access-Control-Allow-Origin" not in response.headers
+        assert "--http-allowed-origins" in (await response.json())["message"]
+    # An <img src> / EventSource GET from another site: Sec-Fetch-Site says so even without Origin.
+    async with session.get(f"{bridge.url}/v1/stream", params={"prompt": "x", "width": "64", "height": "64"},
+                           headers={"Sec-Fetch-Site": "cross-site"}) as response:
+        assert response.status == 403
+    async with session.post(f"{bridge.url}/v1/images/generations", json={"prompt": "x"}, headers=evil) as response:
+        assert response.status == 403  # routes other modules add are covered too
+    async with session.options(f"{bridge.url}/v1/generate",
+                               headers=evil | {"Access-Control-Request-Method": "POST"}) as response:
+        assert response.status == 403 and "Access-Control-Allow-Origin" not in response.headers
+    assert rejected(server, "origin_not_allowed") == 4
+    assert server.metrics.registry.get_sample_value("zimage_forward_passes_total") == 0
+    # The demo page and the probe stay open to links from anywhere.
+    async with session.get(f"{bridge.url}/", headers=evil) as response:
+        assert response.status == 200
+    # Its own page (same origin) and clients without Origin (curl, SDKs) work.
+    async with session.post(f"{bridge.url}/v1/generate", json=SMALL_BODY, headers={"Origin": bridge.url}) as response:
+        assert response.status == 200
+        assert "Access-Control-Allow-Origin" not in response.headers  # same origin needs none
+    async with session.post(f"{bridge.url}/v1/generate", json=SMALL_BODY,
+                            headers={"Sec-Fetch-Site": "same-origin"}) as response:
+        assert response.status == 200
+    async with session.post(f"{bridge.url}/v1/generate", json=SMALL_BODY) as response:
+        assert response.status == 200
+    assert requests_total(server, "HttpGenerate", "OK") == 3
+
+
+async def test_allowed_origins_get_cors_headers(bridged, session):
+    server, bridge = await bridged(http_allowed_origins=("https://app.example",))
+    app = {"Origin": "https://app.example"}
+    async with session.options(f"{bridge.url}/v1/stream", headers=app | {
+            "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}) as response:
+        assert response.status == 204
+        assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "POST" in response.headers["Access-Control-Allow-Methods"]
+        assert "Content-Type" in response.headers["Access-Control-Allow-Headers"]
+    async with session.post(f"{bridge.url}/v1/generate", json=SMALL_BODY, headers=app) as response:
+        assert response.status == 200
+        assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert response.headers["Vary"] == "Origin"
+    async with session.post(f"{bridge.url}/v1/stream", json=SMALL_BODY, headers=app) as response:
+        assert response.status == 200  # a streamed response gets the headers too
+        assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        events = await all_events(response)
+    assert events[-1][0] == "completed"
+    async with session.post(f"{bridge.url}/v1/generate", json=SMALL_BODY,
+                            headers={"Origin": "https://other.example"}) as response:
+        assert response.status == 403
+
+
+def test_allowed_origins_flag_parses_a_list():
+    from zimage_server.cli import config_from_args
+
+    config = config_from_args(["--http-allowed-origins", "https://a.example, http://localhost:3000"], {})
+    assert config.http_allowed_origins == ("https://a.example", "http://localhost:3000")
+    assert config_from_args([], {}).http_allowed_origins == ()

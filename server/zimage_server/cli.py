@@ -29,7 +29,7 @@ class Option:
     flag: str
     section: str  # "engine", "scheduler" or "server"
     field: str
-    kind: str  # int | float | str | bool | sizes | ints
+    kind: str  # int | float | str | bool | sizes | ints | strs
     help: str
 
 
@@ -75,6 +75,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--metrics-port", "server", "metrics_port", "int", "Prometheus port (0: off)"),
     Option("--http-host", "server", "http_host", "str", "HTTP bridge bind address"),
     Option("--http-port", "server", "http_port", "int", "HTTP/SSE bridge port (0: off)"),
+    Option("--http-allowed-origins", "server", "http_allowed_origins", "strs",
+           "browser origins (scheme://host:port,...) that may call the HTTP bridge besides its own page; * for any"),
     Option("--drain-timeout-s", "server", "drain_timeout_s", "float", "grace period for in-flight work on SIGTERM"),
     Option("--max-prompt-chars", "server", "max_prompt_chars", "int", "longest prompt accepted"),
     Option("--max-steps", "server", "max_steps", "int", "most denoising steps per request"),
@@ -112,6 +114,9 @@ def _convert(option: Option, value: Any) -> Any:
             return int(value)
         if option.kind == "float":
             return float(value)
+        if option.kind == "strs":
+            items = value if isinstance(value, list) else str(value).split(",")
+            return tuple(str(v).strip() for v in items if str(v).strip())
         if option.kind == "ints":
             items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
             return tuple(int(v) for v in items)

@@ -112,6 +112,8 @@ class ServerConfig:
     metrics_port: int = 9464
     http_host: str = "0.0.0.0"
     http_port: int = 0
+    # Browser origins (scheme://host[:port]) allowed to call the HTTP bridge besides its own; "*": any.
+    http_allowed_origins: tuple[str, ...] = ()
     drain_timeout_s: float = 30.0
     max_prompt_chars: int = 4000
     max_steps: int = 50

@@ -55,9 +55,13 @@ async def start_bridge(server: Any, host: str, port: int, *, heartbeat_s: float 
         from aiohttp import web
     except ImportError as exc:  # the extra is optional; say how to get it
         raise ConfigError("--http-port needs aiohttp: pip install 'zimage-serve[http]'") from exc
+    from . import origin
     from .http import Bridge
 
     app = Bridge(server, heartbeat_s=heartbeat_s).app()
+    # Browsers may call only from allowed origins; on the app, so every route (and any added later) is covered.
+    origin.install(app, server.config.http_allowed_origins,
+                   on_refused=server.metrics.rejected.labels(reason="origin_not_allowed").inc)
     # handler_cancellation: a client that disconnects cancels its handler, which cancels its request.
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=shutdown_timeout_s,
                            access_log=None)

@@ -202,7 +202,7 @@ def query_to_body(query: Any) -> dict[str, Any]:
         if field is not None and (field.type == FieldDescriptor.TYPE_MESSAGE or _is_repeated(field)):
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise InvalidRequest([FieldViolation(_proto_path(parts), "must be JSON in a query parameter")]) from None
         target[parts[-1]] = value
     return body
@@ -313,7 +313,7 @@ class Bridge:
         raw = await request.read()
         try:
             body = json.loads(raw or b"{}")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
             raise InvalidRequest([FieldViolation("body", f"is not valid JSON ({exc})")]) from None
         return parse_body(body)
 

@@ -390,7 +390,7 @@ class OpenAIRoutes:
         raw = await request.read()
         try:
             return json.loads(raw or b"null")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
             raise _violation("body", f"is not valid JSON ({exc})") from None
 
     def _ready(self) -> None:
