@@ -159,3 +159,59 @@ async def test_short_grace_ends_the_rest_with_unavailable_then_exits_zero(server
         # Ended soon after the grace period (a step boundary later), not after the whole request.
         assert time.monotonic() - signalled < 10
     assert await wait_exit(proc) == 0, log.read_text()[-3000:]
+
+
+# ---------------------------------------------------------------------- failures and signals during the load
+class _EngineThatFailsToLoad:
+    @property
+    def description(self):
+        raise RuntimeError("weights are corrupt")
+
+
+def _bindable(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+async def test_a_failed_load_releases_the_grpc_and_metrics_ports():
+    from zimage_server.app import ZImageServer
+    from zimage_server.config import ServerConfig
+
+    config = ServerConfig(host="127.0.0.1", port=free_port(), metrics_host="127.0.0.1", metrics_port=free_port())
+    server = ZImageServer(config, engine=_EngineThatFailsToLoad())
+    with pytest.raises(RuntimeError, match="weights are corrupt"):
+        await server.start()
+    assert _bindable(config.port), "the gRPC port is still bound after the model failed to load"
+    assert _bindable(config.metrics_port), "the metrics port is still bound after the model failed to load"
+    await server.stop(0)  # still safe to call
+
+
+def test_sigterm_during_the_load_exits_cleanly_without_a_failure_message(tmp_path):
+    """SIGTERM while the model loads is a shutdown, not a load failure (it logged "model failed to load:" and
+    an empty message)."""
+    log = tmp_path / "server.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "zimage_server.cli", "--model", "tiny", "--host", "127.0.0.1",
+         "--port", str(free_port()), "--metrics-port", "0"],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while b"model loading" not in log.read_bytes():  # ports bound; the load (imports, weights) has begun
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "model failed to load" not in text, text
+    assert "model load abandoned" in text

@@ -116,9 +116,17 @@ class ZImageServer:
     async def _load_and_warm(self) -> None:
         try:
             await asyncio.to_thread(self._load_sync)
-        except BaseException as exc:  # reported to the caller of start() and in the log
+        except asyncio.CancelledError:
+            # stop() during the load (SIGTERM while loading): not a load failure. The loading thread
+            # cannot be interrupted; it finishes in the background and its result is dropped.
+            log.info("model load abandoned: the server is stopping")
+            raise
+        except Exception as exc:  # reported to the caller of start() and in the log
             self.load_error = exc
-            log.error("model failed to load: %s", exc)
+            log.error("model failed to load: %s: %s", type(exc).__name__, exc)
+            # Nothing will ever serve: free the ports now, so a supervisor's restart (or the caller's
+            # retry in this process) can bind them again.
+            await self._close_listeners()
             return
         scheduler = Scheduler(self.engine, self.config.scheduler, self.metrics,
                               estimated_step_s=self._warm_step_s, mix_table=self._mix_table)
@@ -181,13 +189,19 @@ class ZImageServer:
         if self.scheduler is not None:
             self.scheduler.stop_accepting()
             await self.scheduler.close(grace)
-        if self._server is not None:
-            await self._server.stop(1.0)
         if self._load_task is not None and not self._load_task.done():
             self._load_task.cancel()
-        if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+        await self._close_listeners(1.0)
+
+    async def _close_listeners(self, grace_s: float = 0.0) -> None:
+        """Stop the gRPC server and the metrics endpoint, releasing their ports (idempotent)."""
+        server, self._server = self._server, None
+        if server is not None:
+            await server.stop(grace_s)
+        metrics_server, self._metrics_server = self._metrics_server, None
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:
