@@ -12,6 +12,7 @@ import asyncio
 import copy
 import pathlib
 import shutil
+import threading
 
 import grpc
 import pytest
@@ -259,6 +260,69 @@ async def test_reload_picks_up_new_changed_and_removed_files_and_reports_bad_one
         assert await image(stub, [("three", 1.0)]) == one
     # Failed loads leave no half-injected adapter behind.
     assert len(engine.transformer.peft_config) == 2
+
+
+class StepGate:
+    """An engine fault hook that holds the next denoising step on the engine thread until opened."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        engine.fault_hook = self
+
+    def __call__(self, stage, ids):
+        if stage == "step" and not self.release.is_set():
+            self.entered.set()
+            self.release.wait(30)
+
+    def open(self):
+        self.release.set()
+        self.engine.fault_hook = None
+
+
+async def test_an_adapter_removed_after_validation_is_not_found_not_internal(make_server, adapters, tmp_path):
+    """A reload between a request's validation and its forwards removes its adapter: the request ends with
+    NOT_FOUND naming the adapter (it was INTERNAL), whether it was still queued or already running."""
+    save_diffusers(tmp_path, "queued", *adapters["alpha"])
+    save_diffusers(tmp_path, "running", *adapters["beta"])
+    engine = load_engine(tmp_path)
+    server = await make_server(engine=engine, max_batch_size=1, batching="request")
+    loop = asyncio.get_running_loop()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ImageGenerationServiceStub(channel)
+        try:
+            # Queued: the running request holds the only batch slot while the adapter's file goes away.
+            gate = StepGate(engine)
+            first = asyncio.ensure_future(stub.Generate(request(seed=1)))
+            assert await loop.run_in_executor(None, gate.entered.wait, 30)
+            waiting = asyncio.ensure_future(stub.Generate(request([("queued", 1.0)], seed=2)))
+            await asyncio.sleep(0.3)  # validated and queued
+            (tmp_path / "queued.safetensors").unlink()
+            reload = asyncio.ensure_future(stub.ReloadLoras(pb.ReloadLorasRequest()))  # runs after this step
+            gate.open()
+            assert [a.name for a in (await reload).loras] == ["running"]
+            assert len((await first).images) == 1
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await waiting
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "queued" in info.value.details()
+
+            # Running: its first forward is held while the adapter's file goes away.
+            gate = StepGate(engine)
+            running = asyncio.ensure_future(stub.Generate(request([("running", 1.0)], seed=3)))
+            assert await loop.run_in_executor(None, gate.entered.wait, 30)
+            (tmp_path / "running.safetensors").unlink()
+            reload = asyncio.ensure_future(stub.ReloadLoras(pb.ReloadLorasRequest()))
+            gate.open()
+            assert [a.name for a in (await reload).loras] == []
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await running
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            assert "running" in info.value.details()
+        finally:
+            engine.fault_hook = None
+        assert len((await stub.Generate(request(seed=4))).images) == 1  # the server serves on
 
 
 async def test_reload_without_a_lora_dir_is_failed_precondition(make_server):

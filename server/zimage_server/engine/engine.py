@@ -29,9 +29,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
 
 from ..config import ConfigError, EngineConfig
+from ..errors import NotFound
 from ..types import GenerationRequest, ImageFormat, LoraRef
 from . import accel
-from .lora import LoraRegistry
+from .lora import AdapterNotLoaded, LoraRegistry
 from . import checkpoints
 from .presets import PRESETS
 from .previews import LatentPreviewer
@@ -260,6 +261,7 @@ class ZImageEngine:
     def start(self, requests: Sequence[GenerationRequest]) -> list[list[Slot]]:
         """Encode the requests' prompts in one batch and create one slot per image."""
         self._check_fault("encode", [r.request_id for r in requests])
+        self._check_loras_loaded(requests)
         prompts = [r.prompt for r in requests]
         prompts += [r.negative_prompt for r in requests if r.guidance_scale > 0]
         embeds = dict(zip(prompts, self.encode_prompts(prompts), strict=True))
@@ -328,10 +330,25 @@ class ZImageEngine:
             previews.append(preview)
         return previews
 
+    def _check_loras_loaded(self, requests: Sequence[GenerationRequest]) -> None:
+        """NOT_FOUND at admission for an adapter that a reload removed after the request was validated."""
+        if self.loras is None:
+            return
+        loaded = self.loras.names()
+        for r in requests:
+            for i, ref in enumerate(r.loras):
+                if ref.name not in loaded:
+                    raise NotFound(f"loras[{i}].name", ref.name, "LoRA adapter (removed by a reload)")
+
     def activate_loras(self, loras: Sequence[LoraRef]) -> None:
         """Make ``loras`` the adapters of the next forwards (a no-op when they already are)."""
         if self.loras is not None:
-            self.loras.activate(loras)
+            try:
+                self.loras.activate(loras)
+            except AdapterNotLoaded as exc:  # removed by a reload while the request ran: the client's status
+                missing = [i for i, ref in enumerate(loras) if ref.name not in self.loras.names()] or [0]
+                raise NotFound(f"loras[{missing[0]}].name", loras[missing[0]].name,
+                               "LoRA adapter (removed by a reload)") from exc
         elif loras:
             raise ValueError("no LoRA adapters are loaded: start the server with --lora-dir")
 

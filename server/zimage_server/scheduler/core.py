@@ -518,7 +518,9 @@ class Scheduler:
             self._running.remove(state)
         if state in self._finishing:
             self._finishing.remove(state)
-        self._finish(state, RequestStatus.FINISHED_FAILED, EngineFailure(state.request_id, stage, exc))
+        # A domain error from the engine (e.g. NotFound: an adapter removed by a reload) is the client's status.
+        error = exc if isinstance(exc, ZImageError) else EngineFailure(state.request_id, stage, exc)
+        self._finish(state, RequestStatus.FINISHED_FAILED, error)
         self._update_gauges()
 
     # ------------------------------------------------------------------ stepping
