@@ -85,3 +85,14 @@ async def make_server(tiny_engine):
     for server in servers:
         await server.stop(0)
     tiny_engine.fault_hook = None
+
+
+@pytest.fixture(scope="session")
+def tiny_engine_controlnet():
+    """The tiny preset with its random ControlNet (--controlnet preset), loaded once and shared."""
+    from zimage_server.config import EngineConfig
+    from zimage_server.engine.engine import ZImageEngine
+
+    engine = ZImageEngine.load(EngineConfig(model="tiny", controlnet="preset"))
+    yield engine
+    engine.fault_hook = None

@@ -59,6 +59,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--lora-dir", "engine", "lora_dir", "str", "directory of LoRA adapters (*.safetensors)"),
     Option("--max-loras-per-request", "engine", "max_loras_per_request", "int", "adapters one request may name"),
     Option("--max-lora-scale", "engine", "max_lora_scale", "float", "largest |scale| of an adapter"),
+    Option("--controlnet", "engine", "controlnet", "str",
+           "ZImageControlNetModel: diffusers dir | .safetensors | preset (the model preset's random one)"),
     Option("--batching", "scheduler", "batching", "str", "step (continuous, default) | request (dynamic batching)"),
     Option("--max-batch-size", "scheduler", "max_batch_size", "int", "images per transformer forward"),
     Option("--preferred-batch-sizes", "scheduler", "preferred_batch_sizes", "ints", "e.g. 2,4: dispatch at once"),

@@ -37,6 +37,7 @@ class EngineConfig:
     lora_dir: str = ""
     max_loras_per_request: int = 4
     max_lora_scale: float = 4.0
+    controlnet: str = ""  # "" | preset | a diffusers directory | a .safetensors file
 
     def validate(self) -> None:
         if self.quantize not in ("none", "int8", "fp8", "int4"):

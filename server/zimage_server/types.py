@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+import numpy as np
+
 
 class ImageFormat(enum.Enum):
     """Encoding of an output or preview image."""
@@ -83,6 +85,51 @@ class LoraReloadReport:
     errors: tuple[str, ...]
 
 
+# Diffusers' defaults for a request that leaves ``strength`` unset (ZImageImg2ImgPipeline,
+# ZImageInpaintPipeline) and for a control image without a conditioning scale (ZImageControlNetPipeline).
+DEFAULT_IMG2IMG_STRENGTH = 0.6
+DEFAULT_INPAINT_STRENGTH = 1.0
+DEFAULT_CONTROL_SCALE = 0.75
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInputs:
+    """Decoded image inputs of a request, transport-neutral: any front end (gRPC, HTTP, the OpenAI edits
+    endpoint) fills them from its own encoding.
+
+    Arrays are uint8, already at the request's width x height (front ends resize; see
+    ``imaging.decode_input_image``): ``init_image`` and ``control_image`` HxWx3 RGB, ``mask`` HxW
+    grayscale where white (>= 128 after diffusers' binarisation) is repainted and black kept.
+    """
+
+    init_image: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    strength: float | None = None  # resolved (the mode's default applied) when init_image is set
+    mask: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    control_image: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    control_scale: float = DEFAULT_CONTROL_SCALE
+
+    def start_step(self, steps: int) -> int:
+        """The first of ``steps`` schedule steps that runs: diffusers' ``get_timesteps(steps, strength)``."""
+        if self.init_image is None or self.strength is None:
+            return 0
+        init_timestep = min(steps * self.strength, steps)
+        return int(max(steps - init_timestep, 0))
+
+    @property
+    def mode(self) -> str:
+        """'text', 'img2img', 'inpaint' or 'control' (a bounded label for logs and metrics)."""
+        if self.mask is not None:
+            return "inpaint"
+        if self.init_image is not None:
+            return "img2img"
+        if self.control_image is not None:
+            return "control"
+        return "text"
+
+
+NO_IMAGES = ImageInputs()
+
+
 @dataclasses.dataclass(frozen=True)
 class BatchKey:
     """What must be equal for requests to share one transformer forward.
@@ -96,6 +143,9 @@ class BatchKey:
     guidance: bool
     loras: tuple[LoraRef, ...]
     steps: int | None = None
+    # Request-level batching steps a whole batch together to its end, so an image-to-image request that
+    # starts at step k of ``steps`` only shares a batch with requests that start at the same step.
+    start_step: int = 0
 
     @property
     def tokens(self) -> int:
@@ -123,6 +173,7 @@ class GenerationRequest:
     timeout_s: float | None = None
     loras: tuple[LoraRef, ...] = ()
     rpc: str = "Generate"
+    images: ImageInputs = NO_IMAGES
 
     def key(self, with_steps: bool = True) -> BatchKey:
         return BatchKey(
@@ -131,7 +182,18 @@ class GenerationRequest:
             guidance=self.guidance_scale > 0,
             loras=self.loras,
             steps=self.steps if with_steps else None,
+            start_step=self.start_step if with_steps else 0,
         )
+
+    @property
+    def start_step(self) -> int:
+        """Schedule step this request starts at (0, or later for image-to-image / inpainting)."""
+        return self.images.start_step(self.steps)
+
+    @property
+    def run_steps(self) -> int:
+        """Transformer evaluations per image: ``steps`` minus the steps that image-to-image skips."""
+        return self.steps - self.start_step
 
     def image_seeds(self) -> list[int]:
         """Seed of each image: image i is reproduced alone with seed + i."""

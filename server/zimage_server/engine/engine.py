@@ -25,8 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, ZImageControlNetModel, ZImagePipeline
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift, get_default_z_image_sigmas
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 
 from ..config import ConfigError, EngineConfig
 from ..errors import NotFound
@@ -34,7 +37,7 @@ from ..types import GenerationRequest, ImageFormat, LoraRef
 from . import accel
 from .lora import AdapterNotLoaded, LoraRegistry
 from . import checkpoints
-from .presets import PRESETS
+from .presets import PRESETS, build_preset_controlnet
 from .previews import LatentPreviewer
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,7 @@ class ModelDescription:
     default_guidance_scale: float = 0.0
     distilled: bool = True  # Turbo: few steps, no guidance (see engine.checkpoints.is_distilled)
     transformer_file: str = ""  # --transformer, when it replaced the model's transformer
+    controlnet: str = ""  # what --controlnet loaded ("" = none)
 
 
 @dataclasses.dataclass(eq=False)
@@ -86,6 +90,10 @@ class Slot:
     model_t: torch.Tensor  # [steps], the transformer's timestep input per step
     step_index: int = 0
     loras: tuple[LoraRef, ...] = ()  # the request's adapters: slots of one forward share them
+    start_step: int = 0  # > 0 for image-to-image: the schedule steps it skips
+    inpaint: InpaintState | None = None
+    control: torch.Tensor | None = None  # [control_in_dim, 1, h/8, w/8] control latents
+    control_scale: float = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -100,6 +108,16 @@ class Slot:
         return (self.width // 16) * (self.height // 16)
 
 
+@dataclasses.dataclass(eq=False)
+class InpaintState:
+    """What ZImageInpaintPipeline blends back after every step: the clean init latents, re-noised to the
+    next sigma with the noise drawn at the start, wherever the mask keeps the original."""
+
+    image_latents: torch.Tensor  # [1, 16, h/8, w/8]
+    noise: torch.Tensor  # [1, 16, h/8, w/8]
+    mask: torch.Tensor  # [1, 1, h/8, w/8], 1 = repaint
+
+
 FaultHook = Callable[[str, Sequence[str]], None]
 
 
@@ -107,7 +125,7 @@ class ZImageEngine:
     """Owns the diffusers components and runs encode / step / decode on batches."""
 
     def __init__(self, pipe: ZImagePipeline, config: EngineConfig, description: ModelDescription,
-                 loras: LoraRegistry | None = None):
+                 loras: LoraRegistry | None = None, controlnet: ZImageControlNetModel | None = None):
         self.pipe = pipe
         self.loras = loras  # None without --lora-dir
         self.config = config
@@ -122,6 +140,12 @@ class ZImageEngine:
         self._previewer = LatentPreviewer(self.device)
         self._embed_cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._embed_cache_size = 64
+        self.controlnet = controlnet  # None without --controlnet
+        # The pipelines' own processors (Lanczos resize, [-1, 1] normalisation; binarised grayscale masks).
+        vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=vae_scale * 2)
+        self.mask_processor = VaeImageProcessor(vae_scale_factor=vae_scale * 2, do_normalize=False,
+                                                do_binarize=True, do_convert_grayscale=True)
         # Test seam: called before each stage with the request ids involved; may raise.
         self.fault_hook: FaultHook | None = None
         self.forward_count = 0
@@ -156,6 +180,7 @@ class ZImageEngine:
         else:
             report = accel.apply(pipe, config, device)
         transformer = pipe.transformer
+        controlnet = load_controlnet(config, pipe, device, dtype)
         description = ModelDescription(
             model_id=config.model,
             is_preset=config.model in PRESETS,
@@ -178,8 +203,9 @@ class ZImageEngine:
             attention_backend=config.attention,
             offload=config.offload,
             compile_s=report.compile_s,
+            controlnet=config.controlnet,
         )
-        return cls(pipe, config, description, loras)
+        return cls(pipe, config, description, loras, controlnet=controlnet)
 
     # ------------------------------------------------------------------ schedule
     def schedule(self, steps: int, width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -268,13 +294,13 @@ class ZImageEngine:
         out: list[list[Slot]] = []
         for r in requests:
             sigmas, model_t = self.schedule(r.steps, r.width, r.height)
+            inputs = self._encode_image_inputs(r)
             slots = []
             for index, seed in enumerate(r.image_seeds()):
-                out_shape = (1, self.transformer.config.in_channels, r.height // VAE_SCALE, r.width // VAE_SCALE)
                 # Noise is drawn on the CPU from the image's own generator: the same seed gives the same
                 # image on any device and in any batch (the pipeline does the same with a CPU generator).
                 gen = torch.Generator(device="cpu").manual_seed(seed)
-                latents = torch.randn(out_shape, generator=gen, dtype=torch.float32).to(self.device)
+                latents, inpaint = self._initial_latents(r, inputs, gen, sigmas)
                 slots.append(
                     Slot(
                         request_id=r.request_id,
@@ -288,11 +314,103 @@ class ZImageEngine:
                         latents=latents,
                         sigmas=sigmas,
                         model_t=model_t,
+                        step_index=r.start_step,
                         loras=r.loras,
+                        start_step=r.start_step,
+                        inpaint=inpaint,
+                        control=inputs.control,
+                        control_scale=r.images.control_scale if inputs.control is not None else 0.0,
                     )
                 )
             out.append(slots)
         return out
+
+    # ------------------------------------------------------------------ image inputs
+    @torch.no_grad()
+    def _encode_image_inputs(self, r: GenerationRequest) -> EncodedInputs:
+        """VAE-encode a request's images once (shared by its images); each image then samples its own latents."""
+        images = r.images
+        out = EncodedInputs()
+        if images.init_image is not None:
+            # As ZImageImg2ImgPipeline / ZImageInpaintPipeline: preprocess, float32, encode; the latent
+            # distribution is sampled per image with that image's generator (see _initial_latents).
+            pixels = self.image_processor.preprocess(_pil(images.init_image), height=r.height, width=r.width)
+            pixels = pixels.to(dtype=torch.float32).to(device=self.device, dtype=self.vae.dtype)
+            out.init_dist = self.vae.encode(pixels).latent_dist
+            if images.mask is not None:
+                mask = self.mask_processor.preprocess(_pil(images.mask, "L"), height=r.height, width=r.width)
+                latent_size = (r.height // VAE_SCALE, r.width // VAE_SCALE)
+                out.mask = torch.nn.functional.interpolate(mask, size=latent_size, mode="nearest").to(
+                    device=self.device, dtype=torch.float32)
+        if images.control_image is not None:
+            if self.controlnet is None:
+                raise ValueError("no ControlNet is loaded: start the server with --controlnet")
+            # As ZImageControlNetPipeline: the control image's latent mode (no randomness), scaled, a frame
+            # axis, then zero channels up to the ControlNet's input width (Union 2.x takes 33).
+            pixels = self.image_processor.preprocess(_pil(images.control_image), height=r.height, width=r.width)
+            # The pipeline's repeat_interleave makes the (channels-last) processor output contiguous, and the
+            # VAE's convolutions differ by ~5e-6 between the two memory layouts: match it.
+            pixels = pixels.contiguous().to(device=self.device, dtype=self.vae.dtype)
+            latents = self.vae.encode(pixels).latent_dist.mode()
+            latents = (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+            latents = latents.unsqueeze(2)
+            channels = self.controlnet.config.control_in_dim - latents.shape[1]
+            if channels > 0:
+                zeros = torch.zeros(latents.shape[0], channels, *latents.shape[2:])
+                latents = torch.cat([latents, zeros.to(device=latents.device, dtype=latents.dtype)], dim=1)
+            out.control = latents[0].to(self.controlnet.dtype)
+        return out
+
+    def _initial_latents(self, r: GenerationRequest, inputs: EncodedInputs, gen: torch.Generator,
+                         sigmas: torch.Tensor) -> tuple[torch.Tensor, InpaintState | None]:
+        """An image's starting latents: pure noise, or (image-to-image) the init image's latents noised to
+        the start sigma, drawing from ``gen`` in the pipelines' order (latent sample, then noise)."""
+        shape = (1, self.transformer.config.in_channels, r.height // VAE_SCALE, r.width // VAE_SCALE)
+        if inputs.init_dist is None:
+            return torch.randn(shape, generator=gen, dtype=torch.float32).to(self.device), None
+        image_latents = inputs.init_dist.sample(gen)
+        image_latents = (image_latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+        image_latents = image_latents.to(torch.float32)
+        noise = randn_tensor(shape, generator=gen, device=self.device, dtype=torch.float32)
+        latents = _scale_noise(image_latents, noise, sigmas[r.start_step])
+        inpaint = None
+        if inputs.mask is not None:
+            inpaint = InpaintState(image_latents=image_latents, noise=noise, mask=inputs.mask)
+        return latents, inpaint
+
+    @torch.no_grad()
+    def _control_hints(self, slots: Sequence[Slot], x: list[torch.Tensor], t: torch.Tensor,
+                       caps: list[torch.Tensor]) -> dict[int, torch.Tensor] | None:
+        """ControlNet residuals for one transformer forward over ``x`` (positives then negatives).
+
+        The ControlNet runs batched over the samples that have a control image only; each sample's hints are
+        scaled by its own conditioning scale and the rest of the batch gets zeros, which the transformer's
+        ``unified + hint`` leaves exactly unchanged, so control and plain samples can share a forward.
+        """
+        members = [i for i, s in enumerate(slots) if s.control is not None]
+        if not members:
+            return None
+        if self.controlnet is None:
+            raise ValueError("no ControlNet is loaded: start the server with --controlnet")
+        scales = [slots[i].control_scale for i in members]
+        scale: float | torch.Tensor = scales[0]
+        if len(set(scales)) > 1:
+            scale = torch.tensor(scales, dtype=torch.float32).to(device=self.device, dtype=self.controlnet.dtype)
+            scale = scale.view(-1, 1, 1)
+        hints = self.controlnet(
+            [x[i] for i in members], t[members], [caps[i] for i in members], [slots[i].control for i in members],
+            conditioning_scale=scale,
+        )
+        if len(members) == len(slots):
+            return hints
+        # Pad to the transformer's unified sequence (image tokens + caption tokens, each rounded up to 32).
+        longest = max(_unified_len(xi, ci) for xi, ci in zip(x, caps, strict=True))
+        full = {}
+        for layer, h in hints.items():
+            padded = h.new_zeros((len(slots), max(longest, h.shape[1]), h.shape[2]))
+            padded[members, : h.shape[1]] = h
+            full[layer] = padded
+        return full
 
     @torch.no_grad()
     def step(self, slots: Sequence[Slot], want_preview: Sequence[bool] = ()) -> list[np.ndarray | None]:
@@ -310,7 +428,11 @@ class ZImageEngine:
         x = [s.latents.to(dtype).unsqueeze(2)[0] for s in positives + guided]
         t = torch.stack([s.model_t[s.step_index] for s in positives + guided])
         caps = [s.prompt_embeds for s in positives] + [s.negative_embeds for s in guided]
-        out = self.transformer(x, t, caps, return_dict=False)[0]
+        hints = self._control_hints(positives + guided, x, t, caps)
+        if hints is None:
+            out = self.transformer(x, t, caps, return_dict=False)[0]
+        else:
+            out = self.transformer(x, t, caps, controlnet_block_samples=hints, return_dict=False)[0]
         self.forward_count += 1
         negative_out = dict(zip((id(s) for s in guided), out[len(positives) :], strict=True))
         previews: list[np.ndarray | None] = []
@@ -327,6 +449,8 @@ class ZImageEngine:
                 preview = self._previewer.to_rgb((slot.latents - sigma * noise_pred)[0])
             slot.latents = (slot.latents + (sigma_next - sigma) * noise_pred).to(torch.float32)
             slot.step_index += 1
+            if slot.inpaint is not None:
+                _blend_inpaint(slot)
             previews.append(preview)
         return previews
 
@@ -472,6 +596,61 @@ def resolve_limits(config: EngineConfig, model: checkpoints.ModelDefaults) -> ch
              limits.default_steps, limits.default_guidance_scale, model.reason, limits.min_size_px,
              limits.max_size_px)
     return limits
+
+
+@dataclasses.dataclass(eq=False)
+class EncodedInputs:
+    """A request's image inputs after the VAE, shared by its images."""
+
+    init_dist: Any = None  # the init image's latent distribution (DiagonalGaussianDistribution)
+    mask: torch.Tensor | None = None  # [1, 1, h/8, w/8] float32, 1 = repaint
+    control: torch.Tensor | None = None  # [control_in_dim, 1, h/8, w/8]
+
+
+def _pil(pixels: np.ndarray, mode: str = "RGB") -> Image.Image:
+    return Image.fromarray(pixels, mode=mode)
+
+
+def _scale_noise(sample: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """FlowMatchEulerDiscreteScheduler.scale_noise at one sigma, with its operation order."""
+    sigma = sigma.to(device=sample.device, dtype=sample.dtype)
+    return sigma * noise + (1.0 - sigma) * sample
+
+
+def _blend_inpaint(slot: Slot) -> None:
+    """ZImageInpaintPipeline's per-step blend: keep the (re-noised) original where the mask is 0."""
+    state = slot.inpaint
+    proper = state.image_latents
+    if not slot.done:
+        proper = _scale_noise(proper, state.noise, slot.sigmas[slot.step_index])
+    slot.latents = (1 - state.mask) * proper + state.mask * slot.latents
+
+
+def _unified_len(x: torch.Tensor, cap: torch.Tensor) -> int:
+    """Length of a sample's unified sequence in the transformer: its 2x2 latent patches and its caption
+    tokens, each padded to a multiple of 32 (diffusers' SEQ_MULTI_OF)."""
+    return round_up((x.shape[-2] // 2) * (x.shape[-1] // 2), 32) + round_up(cap.shape[0], 32)
+
+
+def load_controlnet(config: EngineConfig, pipe: ZImagePipeline, device: torch.device,
+                    dtype: torch.dtype) -> ZImageControlNetModel | None:
+    """--controlnet: 'preset' (the model preset's small random ControlNet), a diffusers directory, or a
+    single .safetensors file (e.g. Z-Image-Turbo-Fun-Controlnet-Union-2.1). It shares the transformer's
+    embedders and refiners, as ZImageControlNetPipeline does."""
+    if not config.controlnet:
+        return None
+    target = device if not config.offload else torch.device("cpu")
+    if config.controlnet == "preset":
+        if config.model not in PRESETS:
+            raise ConfigError("--controlnet preset needs a preset --model (tiny, bench or full); "
+                              "give a ControlNet path for a checkpoint")
+        controlnet = build_preset_controlnet(config.model, target, dtype)
+    elif config.controlnet.endswith(".safetensors"):
+        controlnet = ZImageControlNetModel.from_single_file(config.controlnet, torch_dtype=dtype).to(target)
+    else:
+        controlnet = ZImageControlNetModel.from_pretrained(config.controlnet, torch_dtype=dtype).to(target)
+    controlnet.eval().requires_grad_(False)
+    return ZImageControlNetModel.from_transformer(controlnet, pipe.transformer)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -19,7 +19,7 @@ import math
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageControlNetModel, ZImageTransformer2DModel
 from transformers import Qwen3Config, Qwen3Model
 
 from .tokenizer import build_offline_tokenizer
@@ -164,3 +164,35 @@ def build_preset(name: str, device: torch.device, dtype: torch.dtype) -> dict[st
         "vae": vae,
         "scheduler": FlowMatchEulerDiscreteScheduler(**TURBO_SCHEDULER_CONFIG),
     }
+
+
+def controlnet_config(name: str) -> dict[str, Any]:
+    """A ControlNet shaped like Alibaba PAI's Z-Image-Turbo-Fun-Controlnet-Union-2.1 for a preset's transformer:
+    a control block at every other main layer (the real one: 0, 2, ..., 28 of 30), hints into every noise
+    refiner layer through its own control refiner, and 33 input channels (16 control latents, zero-padded)."""
+    t = PRESETS[name].transformer
+    n_refiner_layers = t.get("n_refiner_layers", 2)
+    return dict(
+        control_layers_places=list(range(0, t["n_layers"], 2)),
+        control_refiner_layers_places=list(range(n_refiner_layers)),
+        control_in_dim=33,
+        add_control_noise_refiner="control_noise_refiner",
+        dim=t["dim"],
+        n_refiner_layers=n_refiner_layers,
+        n_heads=t["n_heads"],
+        n_kv_heads=t["n_kv_heads"],
+    )
+
+
+def build_preset_controlnet(name: str, device: torch.device, dtype: torch.dtype) -> ZImageControlNetModel:
+    """The preset's random ControlNet (deterministic weights; see ``controlnet_config``). Its zero-initialised
+    projections get random weights too, so control images change the output, as trained ones do."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            controlnet = ZImageControlNetModel(**controlnet_config(name))
+    finally:
+        torch.set_default_dtype(previous)
+    _init_deterministic(controlnet, name, "controlnet")
+    return controlnet.eval().requires_grad_(False)
