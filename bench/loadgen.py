@@ -34,10 +34,16 @@ With ``batch1`` the script also measures the end-to-end overhead at concurrency 
 alternately through the idle server (gRPC, scheduler, threads) and through the engine loop alone
 (start/step/decode + PNG encode) in this process (``--overhead-requests``).
 
+``--mix text:50,img2img:30,control:20`` (issue 15) makes request i image-to-image (strength uniform in
+0.3..0.9) or ControlNet (the preset's random ControlNet is loaded) by its own draw, the same in every
+setup; sizes and seeds stay those of the text-only workload. The naive baseline runs text only.
+
     python bench/loadgen.py --preset tiny --concurrency 1,2 --requests 6               # smoke test
     python bench/loadgen.py --preset bench --mode open --rates 0.2,0.5 --sizes 256x256,512x512 \\
         --setups naive,dynamic,step --plot bench/results/latency.png
     python bench/loadgen.py --setups remote --target 127.0.0.1:50051 --concurrency 1,4 --requests 20
+    python bench/loadgen.py --setups dynamic,step --mode open --rates 4 --requests 40 \
+        --mix text:50,img2img:30,control:20 --name issue15-mix
 
 Prints a markdown table and writes bench/results/loadgen-<name>.json.
 """
@@ -47,6 +53,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
+import io
 import json
 import logging
 import os
@@ -59,6 +67,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 from zimage_server.imaging import encode_image
 from zimage_server.types import GenerationRequest, ImageFormat
 
@@ -83,6 +92,27 @@ class Job:
     height: int
     steps: int
     seed: int
+    mode: str = "text"  # text | img2img | control (see --mix)
+    strength: float | None = None  # img2img only
+
+
+MIX_MODES = ("text", "img2img", "control")
+
+
+@functools.lru_cache(maxsize=16)
+def input_png(width: int, height: int, kind: str) -> bytes:
+    """A deterministic input picture (gradients and a disc; an edge map for control) as PNG bytes."""
+    y, x = np.mgrid[0:height, 0:width]
+    disc = ((x - width / 2) ** 2 + (y - height / 2) ** 2 < (min(width, height) / 3) ** 2)
+    if kind == "control":
+        edge = np.abs(np.diff(disc.astype(np.int8), axis=0, prepend=0)) | np.abs(
+            np.diff(disc.astype(np.int8), axis=1, prepend=0))
+        rgb = np.repeat((edge * 255).astype(np.uint8)[..., None], 3, axis=-1)
+    else:
+        rgb = (np.stack([x / width, y / height, disc], axis=-1) * 255).round().astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,13 +122,21 @@ class Workload:
     sizes: tuple[tuple[int, int], ...]
     steps: int
     seed: int
+    mix: tuple[tuple[str, float], ...] = (("text", 1.0),)  # (mode, weight): --mix
 
     def job(self, index: int, tag: str) -> Job:
         rng = random.Random(self.seed * 1_000_003 + index)
         width, height = rng.choice(self.sizes)
         # Same length in every setup; the tag only keeps prompts unique (no cross-setup cache hits).
         prompt = f"{SUBJECTS[index % len(SUBJECTS)]}, study {tag}-{index:05d}"
-        return Job(index, prompt, width, height, self.steps, rng.randrange(1 << 62))
+        seed = rng.randrange(1 << 62)
+        if len(self.mix) == 1 and self.mix[0][0] == "text":
+            return Job(index, prompt, width, height, self.steps, seed)  # the draws of the text-only workload
+        # Mode and strength come from a second generator so sizes and seeds match the text-only workload.
+        mix_rng = random.Random(self.seed * 7_000_003 + index)
+        mode = mix_rng.choices([m for m, _ in self.mix], weights=[w for _, w in self.mix])[0]
+        strength = round(mix_rng.uniform(0.3, 0.9), 2) if mode == "img2img" else None
+        return Job(index, prompt, width, height, self.steps, seed, mode, strength)
 
     def arrivals(self, rate: float, count: int | None, duration_s: float | None) -> list[float]:
         """Poisson arrival offsets (s): the same Exp(1) draws scaled by 1/rate, so rates share a pattern."""
@@ -139,11 +177,22 @@ class Backend(Protocol):
 
 
 def to_request(job: Job) -> GenerationRequest:
+    if job.mode != "text":
+        raise ValueError("the naive baseline and the overhead measurement run text-to-image only")
     return GenerationRequest(
         request_id=f"loadgen-{job.index}", prompt=job.prompt, negative_prompt="", width=job.width,
         height=job.height, steps=job.steps, guidance_scale=0.0, seed=job.seed, num_images=1,
         output_format=ImageFormat.PNG, quality=90, preview=None,
     )
+
+
+def image_fields(job: Job) -> dict[str, Any]:
+    """The client keyword arguments of a job's image inputs."""
+    if job.mode == "img2img":
+        return {"init_image": input_png(job.width, job.height, "init"), "strength": job.strength}
+    if job.mode == "control":
+        return {"control_image": input_png(job.width, job.height, "control"), "control_scale": 0.75}
+    return {}
 
 
 class NaiveBackend:
@@ -227,7 +276,7 @@ class GrpcBackend:
         try:
             result = await self.client.generate(
                 job.prompt, width=job.width, height=job.height, steps=job.steps, seed=job.seed,
-                output_format="png", timeout_s=remaining,
+                output_format="png", timeout_s=remaining, **image_fields(job),
             )
         except grpc.aio.AioRpcError as err:
             raise RequestFailed(err.code().name, err.details() or "") from None
@@ -492,6 +541,16 @@ def _sizes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(sizes)
 
 
+def _mix(text: str) -> tuple[tuple[str, float], ...]:
+    mix = []
+    for part in text.split(","):
+        mode, _, weight = part.strip().partition(":")
+        if mode not in MIX_MODES:
+            raise argparse.ArgumentTypeError(f"unknown mode {mode!r}; choose from {', '.join(MIX_MODES)}")
+        mix.append((mode, float(weight or 1)))
+    return tuple(mix)
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--setups", default="naive,batch1,dynamic,step", help=f"comma-separated: {', '.join(ALL_SETUPS)}")
@@ -504,6 +563,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration-s", type=float, default=0.0, help="closed: stop sending after; open: arrival window")
     p.add_argument("--sizes", type=_sizes, default=((256, 256),), help="WxH list, drawn uniformly per request")
     p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--mix", type=_mix, default=(("text", 1.0),),
+                   help="request modes and weights, e.g. text:50,img2img:30,control:20 (img2img strengths "
+                        "uniform in 0.3..0.9; control needs a ControlNet: the preset's is loaded)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed of sizes, image seeds and arrivals")
     p.add_argument("--max-batch-size", type=int, default=8, help="dynamic and step setups")
     p.add_argument("--max-queue-delay-ms", type=float, default=10.0, help="dynamic setup")
@@ -528,6 +590,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("give --requests or --duration-s")
     if args.overhead_requests < 0:
         args.overhead_requests = args.requests if args.requests > 0 else 16
+    if any(mode != "text" for mode, _ in args.mix):
+        if "naive" in args.setups:
+            p.error("--mix with image modes: the naive baseline runs text-to-image only; drop 'naive' from --setups")
+        args.overhead_requests = 0  # the overhead comparison is text-to-image against the bare engine loop
     return args
 
 
@@ -543,14 +609,20 @@ def server_config(args: argparse.Namespace, setup: str) -> Any:
     scheduler = dataclasses.replace(scheduler, max_queue_size=args.max_queue_size,
                                     default_timeout_ms=int(args.timeout_s * 1000))
     return ServerConfig(
-        engine=EngineConfig(model=args.preset, warmup_sizes=args.sizes), scheduler=scheduler,
+        engine=EngineConfig(model=args.preset, warmup_sizes=args.sizes, controlnet=controlnet_flag(args)),
+        scheduler=scheduler,
         host="127.0.0.1", port=0, metrics_port=0, log_level=args.log_level,
     )
 
 
+def controlnet_flag(args: argparse.Namespace) -> str:
+    """The preset's ControlNet when the mix has ControlNet requests."""
+    return "preset" if any(mode == "control" for mode, _ in args.mix) else ""
+
+
 async def amain(args: argparse.Namespace) -> dict[str, Any]:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    workload = Workload(args.sizes, args.steps, args.seed)
+    workload = Workload(args.sizes, args.steps, args.seed, args.mix)
     requests = args.requests or None
     duration_s = args.duration_s or None
     loads = args.concurrency if args.mode == "closed" else args.rates
@@ -561,7 +633,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         from zimage_server.engine.engine import ZImageEngine
 
         started = time.perf_counter()
-        engine = ZImageEngine.load(EngineConfig(model=args.preset))
+        engine = ZImageEngine.load(EngineConfig(model=args.preset, controlnet=controlnet_flag(args)))
         load_s = time.perf_counter() - started
         print(f"loaded {args.preset} in {load_s:.1f} s", flush=True)
 
@@ -621,6 +693,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             "setups": args.setups, "preset": args.preset, "target": args.target, "mode": args.mode,
             "loads": loads, "requests": requests, "duration_s": duration_s,
             "sizes": [f"{w}x{h}" for w, h in args.sizes], "steps": args.steps, "seed": args.seed,
+            "mix": [f"{mode}:{weight:g}" for mode, weight in args.mix],
             "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
             "max_queue_size": args.max_queue_size, "timeout_s": args.timeout_s, "warmup": args.warmup,
             "overhead_requests": args.overhead_requests if "batch1" in args.setups else 0,

@@ -73,3 +73,35 @@ def test_quick_start_commands_work(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
     assert server.returncode == 0
+
+
+def test_image_inputs_commands_work(tmp_path):
+    """The image-inputs section, verbatim but for the ports: a server with the preset ControlNet, then
+    text-to-image, image-to-image, the mask one-liner, inpainting and ControlNet through the CLI."""
+    block = next(b for b in bash_blocks() if "--controlnet preset" in b)
+    lines = [line.strip() for line in block.strip().splitlines()]
+    server_args = shlex.split(lines[0].rstrip("& ")) + ["--port", str(port := free_port()), "--metrics-port", "0"]
+    bin_dir = pathlib.Path(sys.executable).parent
+    server = subprocess.Popen([str(bin_dir / server_args[0]), *server_args[1:]], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        target = ["--target", f"127.0.0.1:{port}"]
+        subprocess.run([str(bin_dir / "zimage"), *target, "health", "--wait", "120"], cwd=tmp_path, check=True,
+                       capture_output=True, timeout=180)
+        for line in lines[1:]:
+            args = shlex.split(line)
+            if args[0] == "python":
+                command = [sys.executable, *args[1:]]
+            else:
+                command = [str(bin_dir / args[0]), *target, *args[1:]]
+            result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+            assert result.returncode == 0, line + "\n" + result.stdout + result.stderr
+        for name in ("fox.png", "watercolour.png", "inpainted.png", "wolf.png"):
+            assert Image.open(tmp_path / name).size == (256, 256), name
+        assert (tmp_path / "watercolour.png").read_bytes() != (tmp_path / "fox.png").read_bytes()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()

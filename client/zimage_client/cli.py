@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--priority", type=int, default=0)
     g.add_argument("--timeout-ms", type=int, default=0)
     g.add_argument("--lora", action="append", default=[], metavar="NAME[:SCALE]")
+    g.add_argument("--init-image", metavar="FILE", help="image-to-image: start from this PNG/JPEG/WebP")
+    g.add_argument("--strength", type=float, default=None,
+                   help="with --init-image: 0 < s <= 1 (default: 0.6, or 1.0 with --mask)")
+    g.add_argument("--mask", metavar="FILE", help="with --init-image: inpaint where the mask is white")
+    g.add_argument("--control", metavar="FILE", help="ControlNet conditioning image (pose/depth/canny map)")
+    g.add_argument("--control-scale", type=float, default=0.0, help="ControlNet strength (default 0.75)")
     g.add_argument("--stream", action="store_true", help="stream progress with a progress bar")
     g.add_argument("--previews", metavar="DIR", help="save per-step previews here (implies --stream)")
     g.add_argument("--preview-every", type=int, default=1)
@@ -78,6 +84,11 @@ def _output_paths(output: str, count: int, mime: str) -> list[pathlib.Path]:
     return [path.with_name(f"{path.stem}-{i}{path.suffix or _EXT.get(mime, '.png')}") for i in range(count)]
 
 
+def _read(path: str | None) -> bytes:
+    """An input image file's bytes, sent as they are (the server decodes, checks and resizes them)."""
+    return pathlib.Path(path).read_bytes() if path else b""
+
+
 def _generate(args: argparse.Namespace) -> int:
     fmt = args.format or {".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}.get(pathlib.Path(args.output).suffix.lower(),
                                                                               "png")
@@ -91,6 +102,8 @@ def _generate(args: argparse.Namespace) -> int:
         guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num_images, output_format=fmt,
         quality=args.quality, priority=args.priority, timeout_ms=args.timeout_ms, loras=loras,
         preview_every_n_steps=args.preview_every if args.previews else 0,
+        init_image=_read(args.init_image), strength=args.strength, mask_image=_read(args.mask),
+        control_image=_read(args.control), control_scale=args.control_scale,
     )
     with _client(args) as client:
         if not stream:

@@ -118,8 +118,17 @@ def build_request(
     priority: int = 0,
     timeout_ms: int = 0,
     loras: Sequence[tuple[str, float]] = (),
+    init_image: bytes = b"",
+    strength: float | None = None,
+    mask_image: bytes = b"",
+    control_image: bytes = b"",
+    control_scale: float = 0.0,
 ) -> pb.GenerateRequest:
-    """Build a GenerateRequest; zero values (and guidance_scale None) mean the server's defaults (see GetModelInfo)."""
+    """Build a GenerateRequest; zero values (and guidance_scale None) mean the server's defaults (see GetModelInfo).
+
+    Image inputs are encoded PNG/JPEG/WebP bytes: ``init_image`` (+ ``strength``) for image-to-image, with
+    ``mask_image`` for inpainting; ``control_image`` (+ ``control_scale``) for ControlNet conditioning.
+    """
     msg = pb.GenerateRequest(
         prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, steps=steps,
         num_images=num_images, output_format=FORMATS[output_format.lower()],
@@ -130,6 +139,14 @@ def build_request(
         msg.seed = seed
     if guidance_scale is not None:  # unset: the model's default guidance (0 for Turbo)
         msg.guidance_scale = guidance_scale
+    if init_image:
+        msg.init_image = init_image
+    if strength is not None:
+        msg.strength = strength
+    if mask_image:
+        msg.mask_image = mask_image
+    if control_image:
+        msg.control.CopyFrom(pb.ControlImage(image=control_image, conditioning_scale=control_scale))
     if preview_every_n_steps:
         msg.preview.CopyFrom(pb.PreviewOptions(every_n_steps=preview_every_n_steps, max_side_px=preview_max_side_px,
                                                format=FORMATS[preview_format.lower()]))

@@ -30,7 +30,7 @@ from .transport.codec import Limits, format_to_pb
 from .transport.interceptors import AuthInterceptor, load_token
 from .transport.loras import EngineLoraCatalog
 from .transport.service import ImageGenerationService
-from .types import ImageFormat
+from .types import DEFAULT_CONTROL_SCALE, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, ImageFormat
 
 log = logging.getLogger(__name__)
 
@@ -232,6 +232,9 @@ class ZImageServer:
             max_num_images=cfg.max_num_images, max_prompt_chars=cfg.max_prompt_chars,
             max_guidance_scale=cfg.max_guidance_scale, max_loras_per_request=cfg.engine.max_loras_per_request,
             max_lora_scale=cfg.engine.max_lora_scale,
+            max_input_image_pixels=cfg.max_input_image_pixels,
+            max_input_image_bytes=cfg.max_receive_message_bytes,
+            controlnet_loaded=self.engine.controlnet is not None,
         )
 
     def model_info(self) -> pb.GetModelInfoResponse:
@@ -245,7 +248,9 @@ class ZImageServer:
             defaults=pb.Defaults(width_px=limits.default_size_px, height_px=limits.default_size_px,
                                  steps=limits.default_steps, guidance_scale=limits.default_guidance_scale,
                                  output_format=format_to_pb(ImageFormat.PNG), quality=limits.default_quality,
-                                 preview_max_side_px=limits.default_preview_side_px),
+                                 preview_max_side_px=limits.default_preview_side_px,
+                                 img2img_strength=DEFAULT_IMG2IMG_STRENGTH, inpaint_strength=DEFAULT_INPAINT_STRENGTH,
+                                 control_conditioning_scale=DEFAULT_CONTROL_SCALE),
             limits=pb.Limits(
                 width_px=pb.IntRange(min=limits.min_size_px, max=limits.max_size_px),
                 height_px=pb.IntRange(min=limits.min_size_px, max=limits.max_size_px),
@@ -260,6 +265,8 @@ class ZImageServer:
                 max_loras_per_request=limits.max_loras_per_request, max_lora_scale=limits.max_lora_scale,
                 max_send_message_bytes=cfg.max_send_message_bytes,
                 max_preview_side_px=limits.max_preview_side_px,
+                max_input_image_pixels=limits.max_input_image_pixels,
+                max_receive_message_bytes=cfg.max_receive_message_bytes,
             ),
             server_version=__version__,
             output_formats=[format_to_pb(f) for f in ImageFormat],
@@ -267,6 +274,8 @@ class ZImageServer:
             transformer_parameters=desc.transformer_parameters,
             transformer_weight_bytes=desc.transformer_weight_bytes,
             offload=desc.offload,
+            controlnet_loaded=self.engine.controlnet is not None,
+            controlnet=desc.controlnet,
         )
 
     def _build_labels(self) -> dict[str, str]:

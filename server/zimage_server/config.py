@@ -121,7 +121,8 @@ class ServerConfig:
     max_num_images: int = 4
     max_guidance_scale: float = 20.0
     max_concurrent_streams: int = 256
-    max_receive_message_bytes: int = 4 * 1024 * 1024
+    max_receive_message_bytes: int = 4 * 1024 * 1024  # also bounds a request's decoded input images
+    max_input_image_pixels: int = 16_777_216  # one input image, read from its header before decoding
     max_send_message_bytes: int = 256 * 1024 * 1024
     keepalive_time_s: float = 60.0
     keepalive_timeout_s: float = 20.0

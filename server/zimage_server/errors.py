@@ -25,6 +25,15 @@ class InvalidRequest(ZImageError):
         super().__init__("; ".join(f"{v.field}: {v.description}" for v in self.violations))
 
 
+class FailedPrecondition(ZImageError):
+    """The request is valid but this server is not set up for it (e.g. a control image without a ControlNet)."""
+
+    def __init__(self, field: str, description: str):
+        self.field = field
+        self.description = description
+        super().__init__(f"{field}: {description}")
+
+
 class NotFound(ZImageError):
     """A named resource (e.g. a LoRA adapter) does not exist."""
 

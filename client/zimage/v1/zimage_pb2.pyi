@@ -39,7 +39,7 @@ class LoraAdapter(_message.Message):
     def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "quality", "preview", "request_id", "priority", "timeout_ms", "loras")
+    __slots__ = ("prompt", "negative_prompt", "width", "height", "steps", "guidance_scale", "seed", "num_images", "output_format", "quality", "preview", "request_id", "priority", "timeout_ms", "loras", "init_image", "strength", "mask_image", "control")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,10 @@ class GenerateRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     LORAS_FIELD_NUMBER: _ClassVar[int]
+    INIT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    MASK_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     width: int
@@ -70,7 +74,19 @@ class GenerateRequest(_message.Message):
     priority: int
     timeout_ms: int
     loras: _containers.RepeatedCompositeFieldContainer[LoraAdapter]
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ...) -> None: ...
+    init_image: bytes
+    strength: float
+    mask_image: bytes
+    control: ControlImage
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., num_images: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview: _Optional[_Union[PreviewOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., priority: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., loras: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ..., init_image: _Optional[bytes] = ..., strength: _Optional[float] = ..., mask_image: _Optional[bytes] = ..., control: _Optional[_Union[ControlImage, _Mapping]] = ...) -> None: ...
+
+class ControlImage(_message.Message):
+    __slots__ = ("image", "conditioning_scale")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    CONDITIONING_SCALE_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    conditioning_scale: float
+    def __init__(self, image: _Optional[bytes] = ..., conditioning_scale: _Optional[float] = ...) -> None: ...
 
 class Image(_message.Message):
     __slots__ = ("data", "mime_type", "width", "height", "seed", "index")
@@ -175,7 +191,7 @@ class IntRange(_message.Message):
     def __init__(self, min: _Optional[int] = ..., max: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("width_px", "height_px", "size_multiple_px", "steps", "num_images", "max_prompt_chars", "max_prompt_tokens", "max_guidance_scale", "priority", "max_batch_size", "max_queue_size", "default_timeout_ms", "max_loras_per_request", "max_lora_scale", "max_send_message_bytes", "max_preview_side_px")
+    __slots__ = ("width_px", "height_px", "size_multiple_px", "steps", "num_images", "max_prompt_chars", "max_prompt_tokens", "max_guidance_scale", "priority", "max_batch_size", "max_queue_size", "default_timeout_ms", "max_loras_per_request", "max_lora_scale", "max_send_message_bytes", "max_preview_side_px", "max_input_image_pixels", "max_receive_message_bytes")
     WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_PX_FIELD_NUMBER: _ClassVar[int]
     SIZE_MULTIPLE_PX_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +208,8 @@ class Limits(_message.Message):
     MAX_LORA_SCALE_FIELD_NUMBER: _ClassVar[int]
     MAX_SEND_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_PREVIEW_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
+    MAX_INPUT_IMAGE_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    MAX_RECEIVE_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     width_px: IntRange
     height_px: IntRange
     size_multiple_px: int
@@ -208,10 +226,12 @@ class Limits(_message.Message):
     max_lora_scale: float
     max_send_message_bytes: int
     max_preview_side_px: int
-    def __init__(self, width_px: _Optional[_Union[IntRange, _Mapping]] = ..., height_px: _Optional[_Union[IntRange, _Mapping]] = ..., size_multiple_px: _Optional[int] = ..., steps: _Optional[_Union[IntRange, _Mapping]] = ..., num_images: _Optional[_Union[IntRange, _Mapping]] = ..., max_prompt_chars: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., priority: _Optional[_Union[IntRange, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., default_timeout_ms: _Optional[int] = ..., max_loras_per_request: _Optional[int] = ..., max_lora_scale: _Optional[float] = ..., max_send_message_bytes: _Optional[int] = ..., max_preview_side_px: _Optional[int] = ...) -> None: ...
+    max_input_image_pixels: int
+    max_receive_message_bytes: int
+    def __init__(self, width_px: _Optional[_Union[IntRange, _Mapping]] = ..., height_px: _Optional[_Union[IntRange, _Mapping]] = ..., size_multiple_px: _Optional[int] = ..., steps: _Optional[_Union[IntRange, _Mapping]] = ..., num_images: _Optional[_Union[IntRange, _Mapping]] = ..., max_prompt_chars: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_guidance_scale: _Optional[float] = ..., priority: _Optional[_Union[IntRange, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., default_timeout_ms: _Optional[int] = ..., max_loras_per_request: _Optional[int] = ..., max_lora_scale: _Optional[float] = ..., max_send_message_bytes: _Optional[int] = ..., max_preview_side_px: _Optional[int] = ..., max_input_image_pixels: _Optional[int] = ..., max_receive_message_bytes: _Optional[int] = ...) -> None: ...
 
 class Defaults(_message.Message):
-    __slots__ = ("width_px", "height_px", "steps", "guidance_scale", "output_format", "quality", "preview_max_side_px")
+    __slots__ = ("width_px", "height_px", "steps", "guidance_scale", "output_format", "quality", "preview_max_side_px", "img2img_strength", "inpaint_strength", "control_conditioning_scale")
     WIDTH_PX_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_PX_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -219,6 +239,9 @@ class Defaults(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
     PREVIEW_MAX_SIDE_PX_FIELD_NUMBER: _ClassVar[int]
+    IMG2IMG_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    INPAINT_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_CONDITIONING_SCALE_FIELD_NUMBER: _ClassVar[int]
     width_px: int
     height_px: int
     steps: int
@@ -226,10 +249,13 @@ class Defaults(_message.Message):
     output_format: ImageFormat
     quality: int
     preview_max_side_px: int
-    def __init__(self, width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ...) -> None: ...
+    img2img_strength: float
+    inpaint_strength: float
+    control_conditioning_scale: float
+    def __init__(self, width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ..., img2img_strength: _Optional[float] = ..., inpaint_strength: _Optional[float] = ..., control_conditioning_scale: _Optional[float] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "dtype", "device", "quantization", "quant_backend", "compiled", "attention_backend", "batching", "defaults", "limits", "server_version", "output_formats", "is_preset", "transformer_parameters", "transformer_weight_bytes", "offload")
+    __slots__ = ("model_id", "dtype", "device", "quantization", "quant_backend", "compiled", "attention_backend", "batching", "defaults", "limits", "server_version", "output_formats", "is_preset", "transformer_parameters", "transformer_weight_bytes", "offload", "controlnet_loaded", "controlnet")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +272,8 @@ class GetModelInfoResponse(_message.Message):
     TRANSFORMER_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     TRANSFORMER_WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     OFFLOAD_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNET_LOADED_FIELD_NUMBER: _ClassVar[int]
+    CONTROLNET_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dtype: str
     device: str
@@ -262,7 +290,9 @@ class GetModelInfoResponse(_message.Message):
     transformer_parameters: int
     transformer_weight_bytes: int
     offload: bool
-    def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., quant_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., attention_backend: _Optional[str] = ..., batching: _Optional[str] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., output_formats: _Optional[_Iterable[_Union[ImageFormat, str]]] = ..., is_preset: _Optional[bool] = ..., transformer_parameters: _Optional[int] = ..., transformer_weight_bytes: _Optional[int] = ..., offload: _Optional[bool] = ...) -> None: ...
+    controlnet_loaded: bool
+    controlnet: str
+    def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., quant_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., attention_backend: _Optional[str] = ..., batching: _Optional[str] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., output_formats: _Optional[_Iterable[_Union[ImageFormat, str]]] = ..., is_preset: _Optional[bool] = ..., transformer_parameters: _Optional[int] = ..., transformer_weight_bytes: _Optional[int] = ..., offload: _Optional[bool] = ..., controlnet_loaded: _Optional[bool] = ..., controlnet: _Optional[str] = ...) -> None: ...
 
 class ListLorasRequest(_message.Message):
     __slots__ = ()

@@ -62,6 +62,7 @@ STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
 
 HTTP_STATUS = {
     "INVALID_ARGUMENT": 400,
+    "FAILED_PRECONDITION": 400,  # e.g. a control image on a server without a ControlNet (Google's HTTP mapping)
     "UNAUTHENTICATED": 401,
     "NOT_FOUND": 404,
     "RESOURCE_EXHAUSTED": 429,

@@ -247,6 +247,7 @@ _KINDS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
     grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
     grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", "unsupported_on_this_server"),
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "requests", "rate_limit_exceeded"),
     grpc.StatusCode.CANCELLED: (499, "invalid_request_error", "cancelled"),  # only logged: the client left
     grpc.StatusCode.UNIMPLEMENTED: (501, "invalid_request_error", "not_implemented"),

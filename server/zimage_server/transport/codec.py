@@ -14,8 +14,22 @@ import uuid
 
 from zimage.v1 import zimage_pb2 as pb
 
-from ..errors import FieldViolation, InvalidRequest
-from ..types import GenerationRequest, GenerationResult, ImageFormat, LoraRef, PreviewSpec, Queued, Started, StepDone
+from ..errors import FailedPrecondition, FieldViolation, InvalidRequest
+from ..imaging import ImageProbe, InputImageError, decode_input_image, probe_image
+from ..types import (
+    DEFAULT_CONTROL_SCALE,
+    DEFAULT_IMG2IMG_STRENGTH,
+    DEFAULT_INPAINT_STRENGTH,
+    GenerationRequest,
+    GenerationResult,
+    ImageFormat,
+    ImageInputs,
+    LoraRef,
+    PreviewSpec,
+    Queued,
+    Started,
+    StepDone,
+)
 
 _FORMATS = {
     pb.IMAGE_FORMAT_PNG: ImageFormat.PNG,
@@ -47,6 +61,12 @@ class Limits:
     max_preview_side_px: int = 1024
     min_priority: int = -10
     max_priority: int = 10
+    # Input images: each at most this many pixels (from its header, before decoding), and all of a request's
+    # decoded pixels together at most max_input_image_bytes (--max-receive-message-bytes).
+    max_input_image_pixels: int = 16_777_216
+    max_input_image_bytes: int = 4 * 1024 * 1024
+    controlnet_loaded: bool = False
+    max_control_scale: float = 2.0
 
 
 def decode_request(msg: pb.GenerateRequest, limits: Limits, *, rpc: str, stream: bool) -> GenerationRequest:
@@ -68,9 +88,16 @@ def decode_request(msg: pb.GenerateRequest, limits: Limits, *, rpc: str, stream:
     if "\x00" in msg.negative_prompt:
         bad("negative_prompt", "must not contain NUL characters")
 
+    probes = _probe_images(msg, limits, bad)
+    # Width/height 0 with an input image: the image's own size (the pipelines' default), rounded down.
+    source = probes.get("init_image") or probes.get("control.image")
+    image_size = {}
+    if source is not None:
+        image_size = {"width": _round_down(source.width, limits.size_multiple_px),
+                      "height": _round_down(source.height, limits.size_multiple_px)}
     sizes = {}
     for field in ("width", "height"):
-        value = getattr(msg, field) or limits.default_size_px
+        value = getattr(msg, field) or image_size.get(field) or limits.default_size_px
         sizes[field] = value
         if value < 0 or getattr(msg, field) < 0:
             bad(field, f"must be positive (got {getattr(msg, field)})")
@@ -146,8 +173,13 @@ def decode_request(msg: pb.GenerateRequest, limits: Limits, *, rpc: str, stream:
                                      f"(got {lora.scale})")
         loras.append(LoraRef(lora.name, round(float(lora.scale), 6)))
 
+    strength = _check_image_fields(msg, limits, bad)
     if v:
         raise InvalidRequest(v)
+    if msg.HasField("control") and not limits.controlnet_loaded:
+        raise FailedPrecondition("control", "this server has no ControlNet loaded; start it with --controlnet "
+                                            "(GetModelInfo.controlnet_loaded)")
+    images = _decode_images(msg, probes, sizes["width"], sizes["height"], strength)
     seed = msg.seed if msg.HasField("seed") else secrets.randbits(63)
     return GenerationRequest(
         request_id=request_id,
@@ -166,6 +198,98 @@ def decode_request(msg: pb.GenerateRequest, limits: Limits, *, rpc: str, stream:
         timeout_s=msg.timeout_ms / 1000.0 if msg.timeout_ms else None,
         loras=tuple(sorted(loras, key=lambda r: r.name)),
         rpc=rpc,
+        images=images,
+    )
+
+
+_IMAGE_FIELDS = ("init_image", "mask_image", "control.image")
+
+
+def _image_bytes(msg: pb.GenerateRequest, field: str) -> bytes:
+    if field == "control.image":
+        return msg.control.image if msg.HasField("control") else b""
+    return getattr(msg, field)
+
+
+def _round_down(value: int, multiple: int) -> int:
+    return max(multiple, value // multiple * multiple)
+
+
+def _probe_images(msg: pb.GenerateRequest, limits: Limits, bad) -> dict[str, ImageProbe]:
+    """Measure every input image from its header, refusing oversized ones before anything is decoded."""
+    probes: dict[str, ImageProbe] = {}
+    for field in _IMAGE_FIELDS:
+        data = _image_bytes(msg, field)
+        if not data:
+            continue
+        try:
+            probe = probe_image(data)
+        except InputImageError as exc:
+            bad(field, str(exc))
+            continue
+        if probe.pixels > limits.max_input_image_pixels:
+            bad(field, f"is {probe.width}x{probe.height} ({probe.pixels} pixels); the limit is "
+                       f"{limits.max_input_image_pixels} pixels (GetModelInfo.limits.max_input_image_pixels)")
+            continue
+        probes[field] = probe
+    decoded = sum(p.decoded_bytes for p in probes.values())
+    if decoded > limits.max_input_image_bytes:
+        fields = ", ".join(probes)
+        bad(next(iter(probes)), f"the input images ({fields}) decode to {decoded} bytes; the limit is "
+                                f"{limits.max_input_image_bytes} (--max-receive-message-bytes)")
+    return probes
+
+
+def _check_image_fields(msg: pb.GenerateRequest, limits: Limits, bad) -> float | None:
+    """Rules between the image fields; returns the resolved strength (None without init_image)."""
+    has_init, has_mask, has_control = bool(msg.init_image), bool(msg.mask_image), msg.HasField("control")
+    if has_mask and not has_init:
+        bad("mask_image", "needs init_image (inpainting repaints part of an init image)")
+    if msg.HasField("strength"):
+        # Proto floats are float32: round to the decimal the client wrote (0.7, not 0.699999988), so the
+        # start step get_timesteps computes from steps * strength is the one diffusers computes for 0.7.
+        strength = round(float(msg.strength), 6)
+        if not has_init:
+            bad("strength", "applies only with init_image")
+        elif not (math.isfinite(strength) and 0 < strength <= 1):
+            bad("strength", f"must be in (0, 1] (got {msg.strength})")
+    else:
+        strength = DEFAULT_INPAINT_STRENGTH if has_mask else DEFAULT_IMG2IMG_STRENGTH
+    if has_control:
+        if not msg.control.image:
+            bad("control.image", "must not be empty when control is set")
+        scale = msg.control.conditioning_scale
+        if not math.isfinite(scale) or not 0 <= scale <= limits.max_control_scale:
+            bad("control.conditioning_scale", f"must be between 0 and {limits.max_control_scale} (got {scale})")
+        if has_init:
+            bad("control", "cannot be combined with init_image (no reference pipeline for ControlNet "
+                           "image-to-image yet)")
+    return strength if has_init else None
+
+
+def _decode_images(msg: pb.GenerateRequest, probes: dict[str, ImageProbe], width: int, height: int,
+                   strength: float | None) -> ImageInputs:
+    """Decode the (already measured) input images at the request's size."""
+    pixels: dict[str, object] = {}
+    violations = []
+    for field, mode in (("init_image", "RGB"), ("mask_image", "L"), ("control.image", "RGB")):
+        if field not in probes:
+            continue
+        try:
+            pixels[field] = decode_input_image(_image_bytes(msg, field), width=width, height=height, mode=mode)
+        except InputImageError as exc:
+            violations.append(FieldViolation(field, str(exc)))
+    if violations:
+        raise InvalidRequest(violations)
+    if not pixels:
+        return ImageInputs()
+    scale = msg.control.conditioning_scale if msg.HasField("control") else 0.0
+    return ImageInputs(
+        init_image=pixels.get("init_image"),
+        strength=strength,
+        mask=pixels.get("mask_image"),
+        control_image=pixels.get("control.image"),
+        control_scale=round(float(scale), 6) or DEFAULT_CONTROL_SCALE,
     )
 
 

@@ -13,6 +13,7 @@ from ..errors import (
     Cancelled,
     DeadlineExceeded,
     EngineFailure,
+    FailedPrecondition,
     InvalidRequest,
     NotFound,
     NotReady,
@@ -35,6 +36,11 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, grpc.Status]:
             error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
             for v in exc.violations
         ]))
+    elif isinstance(exc, FailedPrecondition):
+        code, message = grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+        details.append(error_details_pb2.PreconditionFailure(violations=[
+            error_details_pb2.PreconditionFailure.Violation(type="SERVER_CONFIG", subject=exc.field,
+                                                            description=exc.description)]))
     elif isinstance(exc, NotFound):
         code, message = grpc.StatusCode.NOT_FOUND, str(exc)
         details.append(error_details_pb2.ResourceInfo(resource_type="lora_adapter", resource_name=exc.name,
