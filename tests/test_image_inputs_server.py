@@ -274,3 +274,23 @@ def test_reference_helper_matches_text_to_image_pipeline_kwargs():
     # pipeline_kwargs stays the text-to-image reference; image modes use test_image_inputs_engine.reference.
     r = domain(build_request("x", width=64, height=64, steps=2, seed=1), ImageInputs())
     assert pipeline_kwargs(r)["height"] == 64
+
+
+def test_loadgen_mix_keeps_the_text_workload_and_draws_modes_by_weight():
+    import pathlib
+    import sys
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "bench"))
+    from loadgen import Workload, image_fields, input_png
+
+    plain = Workload(((256, 256), (128, 128)), 8, 3)
+    mixed = Workload(((256, 256), (128, 128)), 8, 3, (("text", 50), ("img2img", 30), ("control", 20)))
+    jobs = [mixed.job(i, "t") for i in range(400)]
+    assert [(j.width, j.height, j.seed) for j in jobs] == [(p.width, p.height, p.seed)
+                                                           for p in (plain.job(i, "t") for i in range(400))]
+    counts = {m: sum(j.mode == m for j in jobs) for m in ("text", "img2img", "control")}
+    assert 160 < counts["text"] < 240 and 80 < counts["img2img"] < 160 and 40 < counts["control"] < 120
+    assert all(0.3 <= j.strength <= 0.9 for j in jobs if j.mode == "img2img")
+    job = next(j for j in jobs if j.mode == "img2img")
+    assert Image.open(io.BytesIO(image_fields(job)["init_image"])).size == (job.width, job.height)
+    assert input_png(64, 32, "control") == input_png(64, 32, "control")

@@ -290,10 +290,10 @@ class Scheduler:
     def estimate_service_s(self, request: GenerationRequest) -> float:
         """Best guess of the seconds from start to result for ``request`` (0 when nothing is measured yet)."""
         step_s = self._step_s.get(request.key().tokens, self._default_step_s)
-        return request.steps * step_s + self._overhead_s
+        return request.run_steps * step_s + self._overhead_s  # image-to-image skips its first steps
 
     def _retry_after_s(self) -> float:
-        per_request = max((s.request.steps * self._step_s.get(s.request.key().tokens, self._default_step_s))
+        per_request = max((s.request.run_steps * self._step_s.get(s.request.key().tokens, self._default_step_s))
                           for s in self._queue) if self._queue else 0.0
         batches = math.ceil(len(self._queue) / max(1, self._cap))
         return max(0.5, batches * (per_request + self._overhead_s))
