@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import numpy as np
@@ -20,12 +21,26 @@ from zimage_client import ZImageClient
 BIN = pathlib.Path(sys.executable).parent
 
 
-def start_server(port: int) -> subprocess.Popen:
+def start_server(port: int, metrics_port: int) -> subprocess.Popen:
     return subprocess.Popen(
         [str(BIN / "zimage-server"), "--model", "tiny", "--host", "127.0.0.1", "--port", str(port),
-         "--metrics-port", "0", "--drain-timeout-s", "5", "--log-level", "WARNING"],
+         "--metrics-host", "127.0.0.1", "--metrics-port", str(metrics_port), "--drain-timeout-s", "5",
+         "--log-level", "WARNING"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+
+def scrape(metrics_port: int, name: str, labels: dict[str, str] | None = None) -> float:
+    """One sample of a replica's metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in (labels or {}).items()):
+                return sample.value
+    return 0.0
 
 
 def wait_serving(port: int, timeout_s: float = 90) -> None:
@@ -44,7 +59,9 @@ def wait_serving(port: int, timeout_s: float = 90) -> None:
 @pytest.mark.timeout(240)
 def test_round_robin_and_retry_when_one_server_stops():
     ports = [free_port(), free_port()]
-    servers = [start_server(p) for p in ports]
+    metrics_ports = [free_port(), free_port()]
+    servers = [start_server(p, m) for p, m in zip(ports, metrics_ports, strict=True)]
+    ok = {"rpc": "Generate", "code": "OK"}
     try:
         for p in ports:
             wait_serving(p)
@@ -52,12 +69,10 @@ def test_round_robin_and_retry_when_one_server_stops():
         outcomes: collections.Counter[str] = collections.Counter()
         seen_seeds: dict[int, np.ndarray] = {}
         with ZImageClient(targets, retries=6, backoff_s=0.1) as client:
-            # Both replicas take traffic: request ids echo which one served (via round-robin order).
-            served = collections.Counter()
+            # Round-robin: six sequential requests, three on each replica (their own counters say so).
             for i in range(6):
-                result = client.generate(f"warm {i}", width=64, height=64, steps=2, seed=i)
-                served[result.images[0].seed] += 1
-            assert len(served) == 6
+                client.generate(f"warm {i}", width=64, height=64, steps=2, seed=i)
+            assert [scrape(m, "zimage_requests_total", ok) for m in metrics_ports] == [3, 3]
 
             def one(i: int) -> str:
                 try:
@@ -71,12 +86,20 @@ def test_round_robin_and_retry_when_one_server_stops():
 
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 futures = [pool.submit(one, i) for i in range(60)]
-                time.sleep(0.5)
+                # Stop the first replica while it holds work: wait until its gauges show a request in flight.
+                deadline = time.monotonic() + 60
+                in_flight = 0.0
+                while in_flight == 0:
+                    assert time.monotonic() < deadline, "no request was ever in flight on the first replica"
+                    in_flight = (scrape(metrics_ports[0], "zimage_running_requests")
+                                 + scrape(metrics_ports[0], "zimage_queue_depth"))
                 servers[0].terminate()  # graceful stop mid-run: drains, then refuses
                 for future in futures:
                     outcomes[future.result(timeout=120)] += 1
+            # The survivor served the rest, the retried ones included.
+            assert scrape(metrics_ports[1], "zimage_requests_total", ok) > 3
         assert servers[0].wait(timeout=30) == 0
-        # Every request ended with an image (retried onto the surviving replica) or a definite status.
+        # Every request ended with an image (drained, or retried onto the surviving replica).
         assert sum(outcomes.values()) == 60
         assert outcomes["MISMATCH"] == 0
         assert outcomes["OK"] == 60, outcomes

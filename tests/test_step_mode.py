@@ -24,40 +24,63 @@ def reference(engine, prompt, width, height, steps, seed):
     return (image * 255).round().astype(int)
 
 
-@pytest.mark.parametrize("mix", ["always", "never"])
-async def test_mid_flight_joins_and_mixed_resolutions_equal_solo_images(make_server, mix):
-    server = await make_server(batching="step", max_batch_size=8, mix_resolutions=mix)
-    specs = [("first", 256, 256, 12, 1), ("joiner", 192, 128, 6, 2), ("tall", 128, 256, 8, 3), ("late", 256, 256, 4, 4)]
+@pytest.mark.parametrize(("batching", "mix"), [("step", "always"), ("step", "never"), ("request", "never")])
+async def test_mid_flight_joins_and_mixed_resolutions_equal_solo_images(make_server, batching, mix):
+    """Requests sent while a long one runs join its forwards in step mode (the running request's own
+    StepProgress.batch_size grows above 1 after they arrive); in request mode it runs alone to the end,
+    which is what the same assertion tells apart. Every image equals its solo pipeline image within +-1."""
+    server = await make_server(batching=batching, max_batch_size=8, mix_resolutions=mix)
+    specs = [("first", 256, 256, 30, 1), ("joiner", 192, 128, 6, 2), ("tall", 128, 256, 8, 3), ("late", 256, 256, 4, 4)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.ImageGenerationServiceStub(channel)
-        first = stub.StreamProgress(build_request("first", width=256, height=256, steps=12, seed=1))
+        first = stub.StreamProgress(build_request("first", width=256, height=256, steps=30, seed=1))
         tasks = []
+        shared_after_join = []  # the first request's forward sizes after the others were sent
         async for event in first:
-            if event.WhichOneof("event") == "step" and event.step.step == 3:
-                # join mid-flight, different resolutions and step counts
-                for prompt, w, h, steps, seed in specs[1:]:
-                    tasks.append(asyncio.ensure_future(
-                        stub.Generate(build_request(prompt, width=w, height=h, steps=steps, seed=seed))))
+            if event.WhichOneof("event") == "step":
+                if tasks:
+                    shared_after_join.append(event.step.batch_size)
+                if event.step.step == 3:
+                    # join mid-flight, different resolutions and step counts
+                    for prompt, w, h, steps, seed in specs[1:]:
+                        tasks.append(asyncio.ensure_future(
+                            stub.Generate(build_request(prompt, width=w, height=h, steps=steps, seed=seed))))
             if event.WhichOneof("event") == "completed":
                 first_result = event.completed
         results = [first_result, *await asyncio.gather(*tasks)]
-    assert max(r.batch_size for r in results[1:]) >= 2  # joiners shared the running set
+    if batching == "step":
+        # "late" has the first one's size: it shares its forwards in either mixing mode.
+        assert max(shared_after_join) >= 2, shared_after_join
+    else:
+        assert max(shared_after_join) == 1, shared_after_join
     for (prompt, w, h, steps, seed), response in zip(specs, results, strict=True):
         ours = np.asarray(Image.open(io.BytesIO(response.images[0].data)), dtype=int)
         ref = reference(server.engine, prompt, w, h, steps, seed)
         assert ours.shape == ref.shape
         assert np.abs(ours - ref).max() <= 1, prompt
-    # the late short request finished before the long first one would have let it start in request mode
-    assert results[3].timings.queue_seconds < 1.0
 
 
-async def test_step_mode_reports_model_info_and_mixing_calibration(make_server):
-    server = await make_server(batching="step", max_batch_size=4)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
-        from zimage.v1 import zimage_pb2 as pb
+async def test_step_mode_calibrates_mixing_at_warm_up_and_the_scheduler_uses_the_table(tiny_engine):
+    """With --mix-resolutions auto and several warm-up sizes, the server measures whether each pair of
+    token counts is cheaper mixed or apart, and hands that table to the scheduler."""
+    from zimage.v1 import zimage_pb2 as pb
+    from zimage_server.app import ZImageServer
+    from zimage_server.config import EngineConfig, SchedulerConfig, ServerConfig
 
-        info = await pb_grpc.ImageGenerationServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest())
-    assert info.batching == "step"
+    config = ServerConfig(engine=EngineConfig(model="tiny", warmup_sizes=((256, 256), (128, 128))),
+                          scheduler=SchedulerConfig(batching="step", max_batch_size=4, mix_resolutions="auto"),
+                          host="127.0.0.1", port=0, metrics_port=0)
+    server = ZImageServer(config, engine=tiny_engine)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            info = await pb_grpc.ImageGenerationServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+        assert info.batching == "step"
+        # 256x256 and 128x128 are 256 and 64 image tokens: one pair, measured.
+        assert set(server.scheduler.mix_table) == {frozenset({256, 64})}
+        assert all(isinstance(v, bool) for v in server.scheduler.mix_table.values())
+    finally:
+        await server.stop(0)
 
 
 def test_mixing_calibration_measures_each_pair_of_token_counts(tiny_engine):
