@@ -105,3 +105,18 @@ def test_image_inputs_commands_work(tmp_path):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_readme_says_which_torch_build_and_what_exactness_is_tested():
+    """The README's claims stay within what is measured: PyPI's Linux torch wheel is the CUDA build, and
+    pixel-exact equality is tested only for one image, CPU float32, eager."""
+    assert "first takes the CPU build" not in README
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in README
+    assert "--index-url https://download.pytorch.org/whl/cu128" in README
+    assert "one image alone on CPU in float32, not compiled, equals `ZImagePipeline.__call__` pixel for pixel" \
+        in README
+    assert "GPU bfloat16 output has not been" in README
+    # Benchmark quotes give the p50 and the mean at every load measured, not only the favourable one.
+    table = README[README.index("| preset, load |"):]
+    assert "| p50 ratio | mean ratio |" in table
+    assert table.count("| tiny,") == 5 and table.count("| bench,") == 3
