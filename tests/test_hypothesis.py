@@ -196,7 +196,7 @@ def expected_violations(msg: pb.GenerateRequest, limits: pb.Limits, default_size
             bad.add("preview.every_n_steps")
         if not 16 <= (p.max_side_px or 256) <= limits.max_preview_side_px:
             bad.add("preview.max_side_px")
-        if p.format not in (0, *MIMES):
+        if p.format not in (0, pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_WEBP):  # previews are lossy only
             bad.add("preview.format")
         if not 1 <= (p.quality or 75) <= 100:
             bad.add("preview.quality")

@@ -27,7 +27,8 @@ from .config import ServerConfig
 from .metrics import EngineCollector, EngineReadings, Metrics
 from .scheduler import Scheduler
 from .transport.codec import Limits, format_to_pb
-from .transport.interceptors import AuthInterceptor, load_token
+from .auth import load_token
+from .transport.interceptors import AuthInterceptor
 from .transport.loras import EngineLoraCatalog
 from .transport.service import ImageGenerationService
 from .types import DEFAULT_CONTROL_SCALE, DEFAULT_IMG2IMG_STRENGTH, DEFAULT_INPAINT_STRENGTH, ImageFormat

@@ -197,7 +197,7 @@ async def serve(config: ServerConfig) -> int:
     # Fail fast, before binding ports, on combinations that cannot work here.
     accel.check_combination(config.engine, resolve_device(config.engine.device))
     if config.auth_token_file:
-        from .transport.interceptors import load_token
+        from .auth import load_token
 
         try:
             load_token(config.auth_token_file)

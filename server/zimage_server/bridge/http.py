@@ -22,55 +22,36 @@ Routes (all JSON bodies use the proto3 JSON mapping; camelCase and snake_case ar
 - ``/v1/images/*``, ``/v1/models``: the OpenAI-compatible Images API (bridge.openai), on this same app.
 
 Errors before a stream begins are HTTP statuses with the body
-``{"code": "INVALID_ARGUMENT", "message": ..., "field_violations": [{"field", "description"}]}``;
-the gRPC status comes from transport.errors.status_for, the one place that maps domain errors.
-Requests go through ImageGenerationService.submit (validation, limits, LoRA checks) and
-are counted by ImageGenerationService.record under the rpc names ``HttpGenerate`` and
-``HttpStream``, so they share zimage_requests_total and the latency histogram with gRPC.
+``{"code": "INVALID_ARGUMENT", "message": ..., "field_violations": [{"field", "description"}]}``
+(bridge/errors.py renders the error table of errors.py). Requests go through the front door
+(frontdoor.py: validation, LoRA checks, cancel on disconnect, metrics and the one log line) under
+the rpc names ``HttpGenerate`` and ``HttpStream``, so they share zimage_requests_total, the latency
+histogram and the log line's fields with gRPC. The bearer token is checked by auth.BearerAuth, as
+for gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hmac
 import json
-import logging
-import math
 import pathlib
 import re
 import time
 from collections.abc import Callable
 from typing import Any
 
-import grpc  # status code names only
 from aiohttp import web
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-from google.rpc import error_details_pb2, status_pb2
 from zimage.v1 import zimage_pb2 as pb
 
-from ..errors import FieldViolation, InvalidRequest, NotReady, ZImageError
-from ..transport.codec import encode_event, encode_result
-from ..transport.errors import status_for
-from ..transport.interceptors import load_token
-from ..types import Completed
-
-log = logging.getLogger("zimage.requests")
+from ..auth import BearerAuth
+from ..errors import FieldViolation, InvalidRequest, NotReady, Unauthenticated, ZImageError
+from ..transport.codec import decode_request, encode_result
+from ..transport.service import progress_event
+from .errors import render_http
 
 STATIC_DIR = pathlib.Path(__file__).resolve().parent / "static"
-
-HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400,
-    "FAILED_PRECONDITION": 400,  # e.g. a control image on a server without a ControlNet (Google's HTTP mapping)
-    "UNAUTHENTICATED": 401,
-    "NOT_FOUND": 404,
-    "RESOURCE_EXHAUSTED": 429,
-    "CANCELLED": 499,  # nginx's "client closed request"; only logged, nobody is left to read it
-    "INTERNAL": 500,
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-}
 
 # The decode contract each HTTP route mirrors: previews are honoured only for the streaming RPC.
 # The metrics label is the HTTP rpc name (HttpGenerate / HttpStream), passed to record().
@@ -85,57 +66,6 @@ SSE_HEADERS = {
 # The page is self-contained; the policy makes "no CDN, works offline" a checked property.
 PAGE_CSP = ("default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; "
             "script-src 'unsafe-inline'; connect-src 'self'; base-uri 'none'; form-action 'none'")
-
-
-@dataclasses.dataclass(frozen=True)
-class HttpError:
-    """An error as the bridge sends it: HTTP status, JSON body, and retry advice."""
-
-    code: str
-    message: str
-    field_violations: tuple[FieldViolation, ...] = ()
-    retry_after_s: float | None = None
-
-    @property
-    def http_status(self) -> int:
-        return HTTP_STATUS.get(self.code, 500)
-
-    def body(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"code": self.code, "message": self.message}
-        if self.field_violations:
-            body["field_violations"] = [{"field": v.field, "description": v.description}
-                                        for v in self.field_violations]
-        if self.retry_after_s is not None:
-            body["retry_after_s"] = self.retry_after_s
-        return body
-
-    def response(self) -> web.Response:
-        headers = {}
-        if self.retry_after_s is not None:
-            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
-        if self.code == "UNAUTHENTICATED":
-            headers["WWW-Authenticate"] = "Bearer"
-        return web.json_response(self.body(), status=self.http_status, headers=headers)
-
-    @classmethod
-    def from_exception(cls, exc: BaseException) -> HttpError:
-        """Read code, message and details from the rich gRPC status the transport builds for ``exc``."""
-        code, status = status_for(exc)
-        violations: list[FieldViolation] = []
-        retry_after_s = None
-        for key, value in status.trailing_metadata or ():
-            if key != "grpc-status-details-bin":
-                continue
-            for detail in status_pb2.Status.FromString(value).details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    detail.Unpack(bad)
-                    violations += [FieldViolation(v.field, v.description) for v in bad.field_violations]
-                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                    info = error_details_pb2.RetryInfo()
-                    detail.Unpack(info)
-                    retry_after_s = info.retry_delay.ToMilliseconds() / 1000.0
-        return cls(code.name, status.details, tuple(violations), retry_after_s)
 
 
 # ---------------------------------------------------------------------- request parsing
@@ -215,14 +145,6 @@ def _is_repeated(field: FieldDescriptor) -> bool:
     return repeated if repeated is not None else field.label == FieldDescriptor.LABEL_REPEATED
 
 
-def progress_event(request_id: str, event: Any) -> pb.ProgressEvent:
-    """A scheduler event -> the ProgressEvent StreamProgress sends for it."""
-    if isinstance(event, Completed):
-        return pb.ProgressEvent(request_id=request_id, elapsed_seconds=event.elapsed_s,
-                                completed=encode_result(event.result))
-    return encode_event(request_id, event)
-
-
 def to_json(message) -> dict[str, Any]:
     # Print zero-valued scalars too (queuePosition 0 is news to a page), keep proto3 JSON names.
     return json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
@@ -253,15 +175,14 @@ class SseStream:
 
 # ---------------------------------------------------------------------- the application
 class Bridge:
-    """Request handlers over a ZImageServer's service and scheduler."""
+    """Request handlers over a ZImageServer's front door."""
 
     def __init__(self, server: Any, *, heartbeat_s: float = 15.0, clock: Callable[[], float] = time.monotonic):
         self._server = server
-        self._service = server.service
+        self._door = server.service.front_door
         self._heartbeat_s = heartbeat_s
         self._clock = clock
-        cfg = server.config
-        self._token = load_token(cfg.auth_token_file) if cfg.auth_token_file else None
+        self._auth = BearerAuth.from_file(server.config.auth_token_file)
         self._page = (STATIC_DIR / "index.html").read_bytes()
 
     def app(self) -> web.Application:
@@ -281,31 +202,21 @@ class Bridge:
 
     # ------------------------------------------------------------------ helpers
     def _authorized(self, request: web.Request) -> bool:
-        if self._token is None:
-            return True
-        header = request.headers.get("Authorization", "")
-        supplied = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
-        return hmac.compare_digest(supplied, self._token)
+        return self._auth is None or self._auth.allows(request.headers.get("Authorization"))
 
-    def _deny(self, rpc: str, started: float) -> web.Response:
-        self._server.metrics.rejected.labels(reason="unauthenticated").inc()
-        self._service.record(rpc, grpc.StatusCode.UNAUTHENTICATED, started)
-        return HttpError("UNAUTHENTICATED", "missing or invalid bearer token").response()
+    def _check_auth(self, request: web.Request) -> None:
+        if not self._authorized(request):
+            raise Unauthenticated()
 
-    def _fail(self, rpc: str, started: float, exc: BaseException, request_id: str = "") -> web.Response:
-        error = HttpError.from_exception(exc)
-        self._service.record(rpc, grpc.StatusCode[error.code], started, exc)
-        self._log(rpc, error.code, started, request_id, exc)
-        return error.response()
+    @staticmethod
+    def _error_response(exc: BaseException) -> web.Response:
+        error = render_http(exc)
+        return web.json_response(error.body(), status=error.http_status, headers=error.headers())
 
-    def _log(self, rpc: str, code: str, started: float, request_id: str = "", exc: BaseException | None = None) -> None:
-        record: dict[str, object] = {"event": "request", "rpc": rpc, "code": code,
-                                     "duration_s": round(self._clock() - started, 4)}
-        if request_id:
-            record["request_id"] = request_id
-        if exc is not None:
-            record["error"] = str(exc) if isinstance(exc, ZImageError) else type(exc).__name__
-        log.info("request finished", extra={"fields": record})
+    async def _decode(self, request: web.Request, rpc: str) -> Any:
+        self._check_auth(request)
+        msg = await self._read(request)
+        return decode_request(msg, self._door.limits, rpc=_DECODE_AS[rpc], stream=rpc == "HttpStream")
 
     @staticmethod
     async def _read(request: web.Request) -> pb.GenerateRequest:
@@ -330,80 +241,61 @@ class Bridge:
 
     async def model(self, request: web.Request) -> web.Response:
         rpc, started = "HttpGetModelInfo", self._clock()
-        if not self._authorized(request):
-            return self._deny(rpc, started)
-        if not self._server.ready.is_set():
-            return self._fail(rpc, started, NotReady())
-        self._service.record(rpc, grpc.StatusCode.OK, started)
+        try:
+            self._check_auth(request)
+            if not self._server.ready.is_set():
+                raise NotReady()
+        except ZImageError as exc:
+            self._door.record(rpc, started, exc)
+            return self._error_response(exc)
+        self._door.record(rpc, started)
         return web.json_response(to_json(self._server.model_info()))
 
     async def generate(self, request: web.Request) -> web.Response:
         """POST /v1/generate: parity with Generate; a client that disconnects cancels its request."""
-        rpc, started = "HttpGenerate", self._clock()
-        if not self._authorized(request):
-            return self._deny(rpc, started)
-        handle = None
-        request_id = ""
+        rpc = "HttpGenerate"
         try:
-            msg = await self._read(request)
-            domain, handle = self._service.submit(msg, _DECODE_AS[rpc])
-            request_id = domain.request_id
-            result = await handle.result()
+            # aiohttp cancels the handler when the client disconnects: the front door frees the slot.
+            async with self._door.call(rpc) as call:
+                call.submit(await self._decode(request, rpc))
+                result = await call.result()
         except ZImageError as exc:
-            return self._fail(rpc, started, exc, request_id)
-        except asyncio.CancelledError:
-            # aiohttp cancels the handler when the client disconnects: free the slot.
-            if handle is not None:
-                handle.cancel()
-            self._service.record(rpc, grpc.StatusCode.CANCELLED, started)
-            self._log(rpc, "CANCELLED", started, request_id)
-            raise
-        self._service.record(rpc, grpc.StatusCode.OK, started)
-        self._log(rpc, "OK", started, request_id)
+            return self._error_response(exc)
         return web.json_response(to_json(encode_result(result)))
 
     async def stream(self, request: web.Request) -> web.StreamResponse:
         """GET|POST /v1/stream: StreamProgress as Server-Sent Events, one event per ProgressEvent."""
-        rpc, started = "HttpStream", self._clock()
         if "Last-Event-ID" in request.headers:
             # EventSource reconnects on its own after a stream ends; a generation cannot be resumed, and
             # a silent re-run would be a second generation. 204 tells EventSource to stop reconnecting.
             return web.Response(status=204)
-        if not self._authorized(request):
-            return self._deny(rpc, started)
-        try:
-            msg = await self._read(request)
-            domain, handle = self._service.submit(msg, _DECODE_AS[rpc])
-        except ZImageError as exc:
-            return self._fail(rpc, started, exc)
-
+        rpc = "HttpStream"
         response = web.StreamResponse(headers=SSE_HEADERS)
-        code, failure = "CANCELLED", None  # unless the stream reaches its end
         heartbeat: asyncio.Task[None] | None = None
         try:
-            await response.prepare(request)
-            sse = SseStream(response)
-            heartbeat = asyncio.create_task(self._heartbeat(sse))
-            try:
-                n = 0
-                async for event in handle.events():
-                    message = progress_event(domain.request_id, event)
-                    await sse.send(message.WhichOneof("event"), to_json(message), f"{domain.request_id}:{n}")
-                    n += 1
-                code = "OK"
-            except ZImageError as exc:
-                error = HttpError.from_exception(exc)
-                code, failure = error.code, exc
-                await sse.send("error", error.body())
+            async with self._door.call(rpc) as call:
+                call.submit(await self._decode(request, rpc))
+                await response.prepare(request)
+                sse = SseStream(response)
+                heartbeat = asyncio.create_task(self._heartbeat(sse))
+                try:
+                    n = 0
+                    async for event in call.events():
+                        message = progress_event(call.request_id, event)
+                        await sse.send(message.WhichOneof("event"), to_json(message), f"{call.request_id}:{n}")
+                        n += 1
+                except ZImageError as exc:
+                    # The stream has begun: the error is its last event (and the call's code).
+                    await sse.send("error", render_http(exc).body())
+                    raise
+        except ZImageError as exc:
+            if not response.prepared:
+                return self._error_response(exc)
         except ConnectionResetError:
-            pass  # the client went away between events; the finally clause frees the slot
+            pass  # the client went away between events; the front door freed the slot
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
-            # A no-op once the request has finished; otherwise it leaves the queue or its batch.
-            handle.cancel()
-            self._service.record(rpc, grpc.StatusCode[code], started, failure)
-            self._log(rpc, code, started, domain.request_id, failure)
         return response
 
     async def _heartbeat(self, sse: SseStream) -> None:

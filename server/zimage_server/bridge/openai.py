@@ -15,8 +15,8 @@ Z-Image parameters OpenAI lacks are extra body fields (the SDKs' ``extra_body``)
 ``guidance_scale``, ``negative_prompt``, ``priority``, ``loras``, ``timeout_ms``, ``request_id``.
 
 Parsing (``parse_generation``) and rendering (``render_error``, ``images_response``, ``partial_event``,
-``completed_event``) are pure functions; ``OpenAIRoutes`` is the thin aiohttp adapter over the service
-(validate, submit, follow events, count and log the one request line with gRPC's fields).
+``completed_event``) are pure functions; ``OpenAIRoutes`` is the thin aiohttp adapter over the front door
+(frontdoor.py: submit, follow events, cancel on disconnect, count and log the one request line).
 Errors are ``{"error": {"message", "type", "param", "code"}}`` with the statuses the SDKs map to their
 exception classes; ``param`` uses the OpenAI name of the offending field (``size`` for width/height).
 """
@@ -34,13 +34,24 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import grpc  # status code names only (the kinds of transport.errors.status_for)
 from aiohttp import web
 from zimage.v1 import zimage_pb2 as pb
 
-from ..errors import FieldViolation, InvalidRequest, NotFound, NotReady, QueueFull, ZImageError
-from ..transport.errors import status_for
-from ..types import Completed, EncodedImage, GenerationRequest, GenerationResult, ImageFormat, PreviewSpec, StepDone
+from ..errors import (
+    ErrorKind,
+    FieldViolation,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    Unauthenticated,
+    Unimplemented,
+    ZImageError,
+    kind_of,
+    public_message,
+    retry_after_s,
+)
+from ..transport.codec import decode_request
+from ..types import Completed, EncodedImage, GenerationRequest, GenerationResult, PreviewSpec, StepDone
 from .http import SSE_HEADERS, SseStream, parse_body
 
 log = logging.getLogger(__name__)
@@ -242,26 +253,27 @@ def openai_param(field: str) -> str:
     return _PARAM_OF.get(root, field)
 
 
-# kind (the status the transport's one mapping picks) -> (HTTP status, OpenAI error type, code)
-_KINDS: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error", "invalid_value"),
-    grpc.StatusCode.UNAUTHENTICATED: (401, "invalid_request_error", "invalid_api_key"),
-    grpc.StatusCode.NOT_FOUND: (404, "invalid_request_error", "not_found"),
-    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error", "unsupported_on_this_server"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "requests", "rate_limit_exceeded"),
-    grpc.StatusCode.CANCELLED: (499, "invalid_request_error", "cancelled"),  # only logged: the client left
-    grpc.StatusCode.UNIMPLEMENTED: (501, "invalid_request_error", "not_implemented"),
-    grpc.StatusCode.UNAVAILABLE: (503, "server_error", "service_unavailable"),
-    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "server_error", "timeout"),
-    grpc.StatusCode.INTERNAL: (500, "server_error", None),
+# The OpenAI renderer of the error table (errors.py): kind -> (OpenAI error type, code); the HTTP
+# status is the table's.
+_KINDS: dict[ErrorKind, tuple[str, str | None]] = {
+    ErrorKind.INVALID_ARGUMENT: ("invalid_request_error", "invalid_value"),
+    ErrorKind.UNAUTHENTICATED: ("invalid_request_error", "invalid_api_key"),
+    ErrorKind.NOT_FOUND: ("invalid_request_error", "not_found"),
+    ErrorKind.FAILED_PRECONDITION: ("invalid_request_error", "unsupported_on_this_server"),
+    ErrorKind.RESOURCE_EXHAUSTED: ("requests", "rate_limit_exceeded"),
+    ErrorKind.CANCELLED: ("invalid_request_error", "cancelled"),  # only logged: the client left
+    ErrorKind.UNIMPLEMENTED: ("invalid_request_error", "not_implemented"),
+    ErrorKind.UNAVAILABLE: ("server_error", "service_unavailable"),
+    ErrorKind.DEADLINE_EXCEEDED: ("server_error", "timeout"),
+    ErrorKind.INTERNAL: ("server_error", None),
 }
 
 
 def render_error(exc: BaseException) -> OpenAIError:
-    """A domain error -> the OpenAI error object, by the kind the transport's error mapping gives it."""
-    kind, status = status_for(exc)
-    http_status, error_type, code = _KINDS.get(kind, _KINDS[grpc.StatusCode.INTERNAL])
-    message, param, retry_after_s = status.details, None, None
+    """A domain error -> the OpenAI error object, by its kind in the error table."""
+    kind = kind_of(exc)
+    error_type, code = _KINDS[kind]
+    message, param = public_message(exc), None
     if isinstance(exc, InvalidRequest) and exc.violations:
         param = openai_param(exc.violations[0].field)
         message = "; ".join(_violation_text(v) for v in exc.violations)
@@ -273,11 +285,7 @@ def render_error(exc: BaseException) -> OpenAIError:
             code, message = "model_not_found", f"The model {exc.name!r} does not exist (see GET /v1/models)"
         else:
             code = "adapter_not_found"
-    elif isinstance(exc, QueueFull):
-        retry_after_s = exc.retry_after_s
-    elif kind is grpc.StatusCode.UNAVAILABLE:
-        retry_after_s = 1.0
-    return OpenAIError(http_status, message, error_type, param, code, retry_after_s)
+    return OpenAIError(kind.http_status, message, error_type, param, code, retry_after_s(exc))
 
 
 def _violation_text(v: FieldViolation) -> str:
@@ -285,9 +293,8 @@ def _violation_text(v: FieldViolation) -> str:
     return f"{param}: {v.description}" if param == v.field else f"{param}: {v.field} {v.description}"
 
 
-def unauthenticated() -> OpenAIError:
-    return OpenAIError(401, "Incorrect or missing API key: send the server's token as the bearer API key",
-                       "invalid_request_error", None, "invalid_api_key")
+def unauthenticated() -> Unauthenticated:
+    return Unauthenticated("Incorrect or missing API key: send the server's token as the bearer API key")
 
 
 def _usage(domain: GenerationRequest, images: int) -> dict[str, Any]:
@@ -343,13 +350,13 @@ def model_object(model_id: str, created: int, parent: str | None = None) -> dict
 
 # ---------------------------------------------------------------------- the routes
 class OpenAIRoutes:
-    """The OpenAI-compatible routes over a ZImageServer's service; registered on the bridge's app."""
+    """The OpenAI-compatible routes over a ZImageServer's front door; registered on the bridge's app."""
 
     def __init__(self, server: Any, authorized: Callable[[web.Request], bool], *, heartbeat_s: float = 15.0,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time):
         self._server = server
         self._heartbeat_s = heartbeat_s
-        self._service = server.service
+        self._door = server.service.front_door
         self._authorized = authorized
         self._clock = clock
         self._wall_clock = wall_clock
@@ -370,21 +377,14 @@ class OpenAIRoutes:
         catalog = self._server.lora_catalog
         return sorted(catalog.names()) if catalog is not None else []
 
-    def _finish(self, rpc: str, started: float, code: grpc.StatusCode, domain: GenerationRequest | None = None,
-                result: GenerationResult | None = None, exc: BaseException | None = None, user: str = "") -> None:
-        """Count, time and log one call, as gRPC does for its own."""
-        self._service.record(rpc, code, started, exc)
-        self._service.log_request(rpc, domain, code, started, result=result, error=exc, user=user)
-
-    def _fail(self, rpc: str, started: float, exc: BaseException, domain: GenerationRequest | None = None,
-              user: str = "") -> web.Response:
-        self._finish(rpc, started, status_for(exc)[0], domain, exc=exc, user=user)
+    def _fail(self, rpc: str, started: float, exc: BaseException) -> web.Response:
+        """Count a call that generates nothing and answer its error."""
+        self._door.record(rpc, started, exc)
         return render_error(exc).response()
 
-    def _deny(self, rpc: str, started: float) -> web.Response:
-        self._server.metrics.rejected.labels(reason="unauthenticated").inc()
-        self._finish(rpc, started, grpc.StatusCode.UNAUTHENTICATED)
-        return unauthenticated().response()
+    def _check_auth(self, request: web.Request) -> None:
+        if not self._authorized(request):
+            raise unauthenticated()
 
     @staticmethod
     async def _json(request: web.Request) -> Any:
@@ -401,70 +401,58 @@ class OpenAIRoutes:
     # ------------------------------------------------------------------ routes
     async def generations(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/images/generations: JSON in; JSON out, or SSE with ``stream: true``."""
-        rpc, started = RPC_GENERATIONS, self._clock()
-        if not self._authorized(request):
-            return self._deny(rpc, started)
-        domain: GenerationRequest | None = None
-        parsed: ImagesRequest | None = None
+        rpc = RPC_GENERATIONS
+        response: web.StreamResponse | None = None
         try:
-            self._ready()
-            parsed = parse_generation(await self._json(request), model_id=self._model_id(),
-                                      adapters=self._adapters())
-            domain = with_partial_images(self._service.decode(parsed.message, rpc), parsed.partial_images)
-            handle = self._service.submit_request(domain)
+            # aiohttp cancels the handler when the client disconnects: the front door frees the slot.
+            async with self._door.call(rpc) as call:
+                self._check_auth(request)
+                self._ready()
+                parsed = parse_generation(await self._json(request), model_id=self._model_id(),
+                                          adapters=self._adapters())
+                if parsed.user:
+                    call.private["user"] = parsed.user
+                domain = decode_request(parsed.message, self._door.limits, rpc=rpc, stream=False)
+                call.submit(with_partial_images(domain, parsed.partial_images))
+                if parsed.stream:
+                    response = web.StreamResponse(headers=SSE_HEADERS)
+                    await self._stream(request, response, call, parsed, "image_generation")
+                    return response
+                result = await call.result()
         except ZImageError as exc:
-            return self._fail(rpc, started, exc, domain, parsed.user if parsed else "")
-        if parsed.stream:
-            return await self._stream(request, rpc, started, parsed, domain, handle, "image_generation")
-        try:
-            result = await handle.result()
-        except ZImageError as exc:
-            return self._fail(rpc, started, exc, domain, parsed.user)
-        except asyncio.CancelledError:
-            # aiohttp cancels the handler when the client disconnects: free the slot.
-            handle.cancel()
-            self._finish(rpc, started, grpc.StatusCode.CANCELLED, domain, user=parsed.user)
-            raise
-        self._finish(rpc, started, grpc.StatusCode.OK, domain, result, user=parsed.user)
-        return web.json_response(images_response(domain, result, parsed.output_format, int(self._wall_clock())))
-
-    async def _stream(self, request: web.Request, rpc: str, started: float, parsed: ImagesRequest,
-                      domain: GenerationRequest, handle: Any, prefix: str) -> web.StreamResponse:
-        """SSE: the partial images as their steps finish, then one completed event per image."""
-        response = web.StreamResponse(headers=SSE_HEADERS)
-        code, failure, result = grpc.StatusCode.CANCELLED, None, None  # unless the stream reaches its end
-        partial_index = {step: i for i, step in enumerate(sorted(domain.preview.at_steps))} if domain.preview else {}
-        heartbeat: asyncio.Task[None] | None = None
-        try:
-            await response.prepare(request)
-            sse = SseStream(response)
-            heartbeat = asyncio.create_task(self._heartbeat(sse))
-            try:
-                async for event in handle.events():
-                    now = int(self._wall_clock())
-                    if isinstance(event, StepDone) and event.step in partial_index:
-                        for preview in sorted(event.previews, key=lambda p: p.index):
-                            data = partial_event(prefix, domain, preview, partial_index[event.step],
-                                                 parsed.output_format, now)
-                            await sse.send(data["type"], data)
-                    elif isinstance(event, Completed):
-                        result = event.result
-                        for image in sorted(result.images, key=lambda i: i.index):
-                            data = completed_event(prefix, domain, image, parsed.output_format, now)
-                            await sse.send(data["type"], data)
-                code = grpc.StatusCode.OK
-            except ZImageError as exc:
-                code, failure = status_for(exc)[0], exc
-                # The SDKs raise APIError for an event whose data holds "error".
-                await sse.send("error", render_error(exc).body())
+            if response is not None and response.prepared:
+                return response  # the error went out as the stream's last event
+            return render_error(exc).response()
         except ConnectionResetError:
-            pass  # the client went away between events; the finally clause frees the slot
+            return response  # the client went away between events; the front door freed the slot
+        return web.json_response(images_response(call.request, result, parsed.output_format, int(self._wall_clock())))
+
+    async def _stream(self, request: web.Request, response: web.StreamResponse, call: Any, parsed: ImagesRequest,
+                      prefix: str) -> None:
+        """SSE: the partial images as their steps finish, then one completed event per image."""
+        domain = call.request
+        partial_index = {step: i for i, step in enumerate(sorted(domain.preview.at_steps))} if domain.preview else {}
+        await response.prepare(request)
+        sse = SseStream(response)
+        heartbeat = asyncio.create_task(self._heartbeat(sse))
+        try:
+            async for event in call.events():
+                now = int(self._wall_clock())
+                if isinstance(event, StepDone) and event.step in partial_index:
+                    for preview in sorted(event.previews, key=lambda p: p.index):
+                        data = partial_event(prefix, domain, preview, partial_index[event.step],
+                                             parsed.output_format, now)
+                        await sse.send(data["type"], data)
+                elif isinstance(event, Completed):
+                    for image in sorted(event.result.images, key=lambda i: i.index):
+                        data = completed_event(prefix, domain, image, parsed.output_format, now)
+                        await sse.send(data["type"], data)
+        except ZImageError as exc:
+            # The SDKs raise APIError for an event whose data holds "error".
+            await sse.send("error", render_error(exc).body())
+            raise
         finally:
-            if heartbeat is not None:
-                heartbeat.cancel()
-            handle.cancel()  # a no-op once finished; otherwise the request leaves the queue or its batch
-            self._finish(rpc, started, code, domain, result, failure, parsed.user)
-        return response
+            heartbeat.cancel()
 
     async def _heartbeat(self, sse: SseStream) -> None:
         """A comment every heartbeat_s while a request waits, so idle proxies keep the stream (SDKs skip comments)."""
@@ -478,35 +466,33 @@ class OpenAIRoutes:
     async def edits(self, request: web.Request) -> web.Response:
         """POST /v1/images/edits: not served until the engine takes image inputs."""
         rpc, started = RPC_EDITS, self._clock()
-        if not self._authorized(request):
-            return self._deny(rpc, started)
-        self._service.record(rpc, grpc.StatusCode.UNIMPLEMENTED, started)
-        return OpenAIError(501, "image edits need image inputs (image-to-image, inpainting), which this server "
-                                "does not serve yet; use /v1/images/generations", "invalid_request_error",
-                           None, "not_implemented").response()
+        try:
+            self._check_auth(request)
+            raise Unimplemented("image edits need image inputs (image-to-image, inpainting), which this server "
+                                "does not serve yet; use /v1/images/generations")
+        except ZImageError as exc:
+            return self._fail(rpc, started, exc)
 
     async def models(self, request: web.Request) -> web.Response:
         """GET /v1/models: the loaded model, then its LoRA adapters (each with ``parent`` = the model)."""
         rpc, started = RPC_MODELS, self._clock()
-        if not self._authorized(request):
-            return self._deny(rpc, started)
         try:
+            self._check_auth(request)
             self._ready()
         except ZImageError as exc:
             return self._fail(rpc, started, exc)
         base = self._model_id()
         data = [model_object(base, self._created)]
         data += [model_object(name, self._created, parent=base) for name in self._adapters()]
-        self._service.record(rpc, grpc.StatusCode.OK, started)
+        self._door.record(rpc, started)
         return web.json_response({"object": "list", "data": data})
 
     async def model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: one model object, or 404 ``model_not_found``."""
         rpc, started = RPC_MODEL, self._clock()
-        if not self._authorized(request):
-            return self._deny(rpc, started)
         name = request.match_info["model_id"]
         try:
+            self._check_auth(request)
             self._ready()
             base = self._model_id()
             if name == base:
@@ -517,5 +503,5 @@ class OpenAIRoutes:
                 raise NotFound("model", name, "model")
         except ZImageError as exc:
             return self._fail(rpc, started, exc)
-        self._service.record(rpc, grpc.StatusCode.OK, started)
+        self._door.record(rpc, started)
         return web.json_response(body)

@@ -37,6 +37,7 @@ _FORMATS = {
     pb.IMAGE_FORMAT_WEBP: ImageFormat.WEBP,
 }
 _FORMATS_TO_PB = {v: k for k, v in _FORMATS.items()}
+_PREVIEW_FORMATS = (ImageFormat.JPEG, ImageFormat.WEBP)
 _ID_CHARS = set(string.ascii_letters + string.digits + "-_.:/@+=")
 
 
@@ -138,12 +139,17 @@ def decode_request(msg: pb.GenerateRequest, limits: Limits, *, rpc: str, stream:
         if p.format != pb.IMAGE_FORMAT_UNSPECIFIED:
             if p.format not in _FORMATS:
                 bad("preview.format", f"unknown ImageFormat value {p.format}")
+            elif _FORMATS[p.format] not in _PREVIEW_FORMATS:
+                # Lossy only: a PNG preview every step costs the server (and a slow link) far more.
+                bad("preview.format", "must be IMAGE_FORMAT_JPEG or IMAGE_FORMAT_WEBP")
             else:
                 preview_format = _FORMATS[p.format]
         preview_quality = p.quality or 75
         if not 1 <= preview_quality <= 100:
             bad("preview.quality", f"must be between 1 and 100 (got {p.quality})")
         if p.every_n_steps > 0 and stream:
+            # Never larger than the image itself: an upscaled preview adds bytes, not detail.
+            side = min(side, max(sizes["width"], sizes["height"]))
             preview = PreviewSpec(p.every_n_steps, side, preview_format, preview_quality)
 
     request_id = msg.request_id

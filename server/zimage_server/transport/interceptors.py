@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hmac
-import pathlib
-
 import grpc
 from zimage.v1 import zimage_pb2 as pb
 
+from ..auth import BearerAuth, load_token
+from ..errors import Unauthenticated
 from ..metrics import Metrics
+from .errors import render_grpc
 
 EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # Metric label values come from this fixed set: the method path is chosen by the (unauthenticated)
@@ -18,23 +18,18 @@ KNOWN_RPCS = {f"/{_SERVICE.full_name}/{m.name}": m.name for m in _SERVICE.method
 UNKNOWN_RPC = "unknown"
 
 
-def load_token(path: str) -> bytes:
-    """Read the token file (surrounding whitespace ignored); an empty file is a configuration error."""
-    token = pathlib.Path(path).read_text().strip().encode()
-    if not token:
-        raise ValueError(f"--auth-token-file {path} is empty")
-    return token
+__all__ = ["AuthInterceptor", "load_token"]
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Requires ``authorization: Bearer <token>``; compares in constant time."""
+    """Requires ``authorization: Bearer <token>``, checked by auth.BearerAuth (the bridge uses the same)."""
 
     def __init__(self, token: bytes, metrics: Metrics):
-        self._token = token
+        self._auth = BearerAuth(token)
         self._metrics = metrics
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+            await context.abort_with_status(render_grpc(Unauthenticated()))
 
         self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny)
@@ -43,13 +38,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(EXEMPT_PREFIXES):
             return await continuation(handler_call_details)
-        supplied = b""
+        supplied = None
         for key, value in handler_call_details.invocation_metadata or ():
             if key == "authorization":
-                text = value.decode() if isinstance(value, bytes) else value
-                if text.lower().startswith("bearer "):
-                    supplied = text[7:].strip().encode()
-        if hmac.compare_digest(supplied, self._token):
+                supplied = value
+        if self._auth.allows(supplied):
             return await continuation(handler_call_details)
         self._metrics.rejected.labels(reason="unauthenticated").inc()
         rpc = KNOWN_RPCS.get(method, UNKNOWN_RPC)

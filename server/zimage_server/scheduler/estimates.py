@@ -1,0 +1,45 @@
+"""Service-time and arrival estimates: plain numbers the policies and deadline checks read."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from ..types import GenerationRequest
+
+
+class Estimates:
+    """Seconds per forward by image tokens per sample (EMA), fixed overhead per request, arrival gap."""
+
+    def __init__(self, default_step_s: float = 0.0):
+        self.default_step_s = default_step_s  # the warm-up's measurement, until real steps are seen
+        self.step_s: dict[int, float] = {}  # bounded by the distinct sizes served
+        self.overhead_s = 0.0  # text encode + decode per request
+        self.arrival_gap_s: float | None = None
+        self._last_arrival: float | None = None
+
+    def service_s(self, request: GenerationRequest) -> float:
+        """Best guess of the seconds from start to result (0 when nothing is measured yet)."""
+        # run_steps: image-to-image skips its first steps.
+        return request.run_steps * self.step_s.get(request.key().tokens, self.default_step_s) + self.overhead_s
+
+    def retry_after_s(self, waiting: Iterable[GenerationRequest], cap: int) -> float:
+        """When a refused client should try again: the queue's batches, each as long as its longest request."""
+        waiting = list(waiting)
+        if not waiting:
+            return 0.5
+        per_request = max(r.run_steps * self.step_s.get(r.key().tokens, self.default_step_s) for r in waiting)
+        return max(0.5, math.ceil(len(waiting) / max(1, cap)) * (per_request + self.overhead_s))
+
+    def record_step(self, tokens: int, seconds: float) -> None:
+        previous = self.step_s.get(tokens)
+        self.step_s[tokens] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def record_overhead(self, seconds: float) -> None:
+        self.overhead_s = seconds if self.overhead_s == 0 else 0.8 * self.overhead_s + 0.2 * seconds
+
+    def record_arrival(self, now: float) -> None:
+        if self._last_arrival is not None:
+            gap = now - self._last_arrival
+            self.arrival_gap_s = gap if self.arrival_gap_s is None else 0.7 * self.arrival_gap_s + 0.3 * gap
+        self._last_arrival = now

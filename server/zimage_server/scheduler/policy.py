@@ -1,0 +1,250 @@
+"""Batching policies: pure, synchronous decisions over plain data (no asyncio, threads or engine).
+
+``policy.plan(now, waiting, running, context)`` returns either a ``Plan`` (which waiting requests
+to admit now, which requests' slots run in the next forward) or the seconds to wait before asking
+again (``math.inf``: until something changes). Triton's ``GetDynamicBatch`` returns the wait the
+same way; vLLM v1's ``schedule()`` returns plain data the same way. The scheduler (core.py) acts
+on the answer; tests and the simulator call ``plan`` directly with a fake clock.
+
+One class per ``BatchingMode``:
+
+- ``RequestPolicy`` (Triton-style dynamic batching): when nothing runs, the highest-priority
+  waiting request opens a batch; compatible requests (same ``compat_key`` with steps) join in
+  priority order up to the cap. The batch leaves when it reaches the largest preferred size (or
+  the cap), when its opener has waited ``max_queue_delay_ms``, when waiting longer would risk the
+  opener's deadline, or at once when arrivals are too sparse for company to be likely. It runs all
+  its steps together; nothing is admitted while it runs.
+- ``StepPolicy`` (continuous batching): waiting requests join at every step boundary in priority
+  order while their images fit the cap; the head of the queue is never overtaken by a smaller
+  request behind it (so large requests cannot starve); a request larger than the cap runs once
+  nothing else does. Each forward takes the least recently stepped request's group (same
+  ``compat_key`` without steps), plus the other groups when mixing resolutions pays (mix policy,
+  measured table), within ``max_tokens_per_step``.
+
+In both modes a forward holds at most ``context.cap_images`` images and ``context.cap_samples``
+transformer samples (a CFG image is two samples), so after an out-of-memory error lowers the cap
+the running requests take turns in smaller forwards.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import math
+from collections.abc import Hashable, Sequence
+
+from ..config import SchedulerConfig
+from ..types import BatchKey, GenerationRequest
+
+
+class BatchingMode(enum.Enum):
+    """``--batching``: request-level (dynamic) or step-level (continuous) batching."""
+
+    REQUEST = "request"
+    STEP = "step"
+
+
+class MixPolicy(enum.Enum):
+    """``--mix-resolutions``: whether different resolutions may share one padded forward."""
+
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+def compat_key(request: GenerationRequest, *, with_steps: bool) -> BatchKey:
+    """What must be equal for requests to share a forward: the one place the policies read it."""
+    return request.key(with_steps=with_steps)
+
+
+def samples(request: GenerationRequest) -> int:
+    """Transformer samples a request's images take in one forward (CFG adds the negative pass)."""
+    return request.num_images * (2 if request.guidance_scale > 0 else 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Waiting:
+    """A waiting request as the policy sees it. ``service_s``: its estimated run time."""
+
+    ref: Hashable
+    request: GenerationRequest
+    seq: int
+    arrival: float
+    deadline: float | None
+    service_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """A running request: ``last_tick`` is the forward counter when it last stepped (0: never)."""
+
+    ref: Hashable
+    request: GenerationRequest
+    seq: int
+    last_tick: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Everything else a decision needs, as plain values."""
+
+    cap_images: int
+    cap_samples: int | None = None  # lowered after out-of-memory; None: no sample cap
+    arrival_gap_s: float | None = None  # mean time between arrivals (EMA); None: no history yet
+    mix_table: dict[frozenset[int], bool] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Admit these waiting requests now, then run one forward over these (running or admitted) requests."""
+
+    admit: tuple[Hashable, ...] = ()
+    forward: tuple[Hashable, ...] = ()
+
+
+Decision = Plan | float
+
+
+class Policy(abc.ABC):
+    """A batching policy; see the module docstring for the contracts."""
+
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+
+    @abc.abstractmethod
+    def plan(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running], context: Context) -> Decision:
+        """A Plan, or the seconds to wait before planning again (``math.inf``: until a change)."""
+
+    def ordered(self, now: float, waiting: Sequence[Waiting]) -> list[Waiting]:
+        """Priority plus one level per ``priority_aging_s`` waited (nobody starves), then arrival."""
+        aging = self.config.priority_aging_s
+        return sorted(waiting, key=lambda w: (-(w.request.priority + (now - w.arrival) / aging), w.seq))
+
+    @staticmethod
+    def within_cap(requests: Sequence[GenerationRequest], context: Context) -> list[int]:
+        """Indices of the leading requests that fit the caps (always at least the first)."""
+        chosen: list[int] = []
+        images = samples_ = 0
+        for i, request in enumerate(requests):
+            over = images + request.num_images > context.cap_images or (
+                context.cap_samples is not None and samples_ + samples(request) > context.cap_samples)
+            if chosen and over:
+                continue
+            chosen.append(i)
+            images += request.num_images
+            samples_ += samples(request)
+        return chosen
+
+    @staticmethod
+    def by_staleness(running: Sequence[Running]) -> list[Running]:
+        """Least recently stepped first, then priority, then arrival."""
+        return sorted(running, key=lambda r: (r.last_tick, -r.request.priority, r.seq))
+
+
+class RequestPolicy(Policy):
+    """Dynamic batching of whole requests (BatchingMode.REQUEST)."""
+
+    def plan(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running], context: Context) -> Decision:
+        if running:
+            ordered = self.by_staleness(running)
+            return Plan(forward=tuple(ordered[i].ref for i in self.within_cap([r.request for r in ordered], context)))
+        if not waiting:
+            return math.inf
+        ordered = self.ordered(now, waiting)
+        head = ordered[0]
+        key = compat_key(head.request, with_steps=True)
+        compatible = [w for w in ordered if compat_key(w.request, with_steps=True) == key]
+        batch = [compatible[i] for i in self.within_cap([w.request for w in compatible], context)]
+        images = sum(w.request.num_images for w in batch)
+        cap = min(context.cap_images, context.cap_samples or context.cap_images)
+        preferred = [p for p in self.config.preferred_batch_sizes if p <= cap]
+        target = max(preferred) if preferred else cap
+        wait_left = head.arrival + self.config.max_queue_delay_ms / 1000.0 - now
+        if head.deadline is not None:
+            wait_left = min(wait_left, head.deadline - now - head.service_s)
+        if images >= target or wait_left <= 0 or not self.company_likely(wait_left, context):
+            refs = tuple(w.ref for w in batch)
+            return Plan(admit=refs, forward=refs)
+        return wait_left
+
+    @staticmethod
+    def company_likely(wait_s: float, context: Context) -> bool:
+        """Whether another request is likely within ``wait_s``: not when the mean gap is over 4x the wait
+        (e.g. one client in a closed loop), where waiting only adds latency. No history: the full delay."""
+        return context.arrival_gap_s is None or context.arrival_gap_s < 4 * wait_s
+
+
+class StepPolicy(Policy):
+    """Continuous batching at step boundaries (BatchingMode.STEP)."""
+
+    def plan(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running], context: Context) -> Decision:
+        admitted = self.admissions(now, waiting, running, context)
+        candidates = list(running) + [Running(w.ref, w.request, w.seq) for w in admitted]
+        if not candidates:
+            return math.inf
+        return Plan(admit=tuple(w.ref for w in admitted), forward=tuple(r.ref for r in self.forward(candidates, context)))
+
+    def admissions(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running],
+                   context: Context) -> list[Waiting]:
+        """Waiting requests in priority order while they fit; the head is never skipped for a smaller one."""
+        images = sum(r.request.num_images for r in running)
+        samples_ = sum(samples(r.request) for r in running)
+        admitted: list[Waiting] = []
+        for w in self.ordered(now, waiting):
+            over = images + w.request.num_images > context.cap_images or (
+                context.cap_samples is not None and samples_ + samples(w.request) > context.cap_samples)
+            if over and (images or admitted):
+                break
+            admitted.append(w)
+            images += w.request.num_images
+            samples_ += samples(w.request)
+        return admitted
+
+    def forward(self, running: Sequence[Running], context: Context) -> list[Running]:
+        ordered = self.by_staleness(running)
+        first_key = compat_key(ordered[0].request, with_steps=False)
+        groups: dict[BatchKey, list[Running]] = {}
+        for r in ordered:
+            groups.setdefault(compat_key(r.request, with_steps=False), []).append(r)
+        # Only groups with the same adapters can share a forward (the engine activates one set per forward).
+        mixable = [k for k in groups if k.loras == first_key.loras]
+        mix = self.should_mix(mixable, context)
+        candidates = list(groups[first_key])
+        if mix:
+            for key in mixable:
+                if key != first_key:
+                    candidates.extend(groups[key])
+        budget = self.config.max_tokens_per_step
+        chosen: list[Running] = []
+        for r in candidates:
+            if chosen and budget and self.forward_tokens([c.request for c in chosen + [r]], padded=mix) > budget:
+                continue
+            chosen.append(r)
+        return [chosen[i] for i in self.within_cap([r.request for r in chosen], context)]
+
+    @staticmethod
+    def forward_tokens(requests: Sequence[GenerationRequest], padded: bool) -> int:
+        per_sample = [r.key().tokens for r in requests for _ in range(r.num_images)]
+        return max(per_sample) * len(per_sample) if padded else sum(per_sample)
+
+    def should_mix(self, keys: Sequence[BatchKey], context: Context) -> bool:
+        """Whether groups of different resolutions share one padded forward."""
+        mode = MixPolicy(self.config.mix_resolutions)
+        if len(keys) < 2 or mode is MixPolicy.NEVER:
+            return False
+        if mode is MixPolicy.ALWAYS:
+            return True
+        tokens = frozenset(k.tokens for k in keys)
+        if tokens in context.mix_table:
+            return context.mix_table[tokens]
+        # Unmeasured: mixing is free only when no padding is needed (e.g. 384x256 with 256x384).
+        return len(tokens) == 1
+
+
+POLICIES: dict[BatchingMode, type[Policy]] = {BatchingMode.REQUEST: RequestPolicy, BatchingMode.STEP: StepPolicy}
+
+
+def make_policy(config: SchedulerConfig) -> Policy:
+    """The policy of ``config.batching``."""
+    return POLICIES[BatchingMode(config.batching)](config)

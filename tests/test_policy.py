@@ -1,0 +1,166 @@
+"""The batching policies as pure functions of plain data on a fake clock: no event loop, no sleeps."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from zimage_server.config import SchedulerConfig
+from zimage_server.scheduler.policy import (
+    Context,
+    Plan,
+    RequestPolicy,
+    Running,
+    StepPolicy,
+    Waiting,
+    make_policy,
+)
+from zimage_server.types import GenerationRequest, ImageFormat
+
+
+def req(rid: str, *, w: int = 64, h: int = 64, steps: int = 4, n: int = 1, priority: int = 0,
+        guidance: float = 0.0) -> GenerationRequest:
+    return GenerationRequest(request_id=rid, prompt="p", negative_prompt="", width=w, height=h, steps=steps,
+                             guidance_scale=guidance, seed=0, num_images=n, output_format=ImageFormat.PNG,
+                             quality=90, preview=None, priority=priority)
+
+
+def waiting(rid: str, arrival: float = 0.0, *, seq: int = 0, deadline: float | None = None, service_s: float = 0.0,
+            **kw) -> Waiting:
+    return Waiting(rid, req(rid, **kw), seq, arrival, deadline, service_s)
+
+
+def running(rid: str, last_tick: int, *, seq: int = 0, **kw) -> Running:
+    return Running(rid, req(rid, **kw), seq, last_tick)
+
+
+def request_policy(**kw) -> RequestPolicy:
+    kw.setdefault("max_queue_delay_ms", 50)
+    return RequestPolicy(SchedulerConfig(batching="request", **kw))
+
+
+def step_policy(**kw) -> StepPolicy:
+    return StepPolicy(SchedulerConfig(batching="step", **kw))
+
+
+CTX = Context(cap_images=4)
+
+
+def test_the_mode_picks_the_policy_class():
+    assert type(make_policy(SchedulerConfig(batching="request"))) is RequestPolicy
+    assert type(make_policy(SchedulerConfig(batching="step"))) is StepPolicy
+
+
+# ---------------------------------------------------------------------------- request mode
+def test_request_mode_waits_out_the_queue_delay_then_dispatches():
+    policy = request_policy()
+    assert policy.plan(0.010, [waiting("a")], [], CTX) == pytest.approx(0.040)
+    assert policy.plan(0.049, [waiting("a")], [], CTX) == pytest.approx(0.001)
+    assert policy.plan(0.050, [waiting("a")], [], CTX) == Plan(admit=("a",), forward=("a",))
+
+
+def test_request_mode_dispatches_at_once_at_a_preferred_size_or_the_cap():
+    policy = request_policy(preferred_batch_sizes=(2,))
+    two = [waiting("a", seq=0), waiting("b", seq=1)]
+    assert policy.plan(0.0, two, [], CTX) == Plan(admit=("a", "b"), forward=("a", "b"))
+    assert policy.plan(0.0, two[:1], [], CTX) == pytest.approx(0.05)
+    # Without preferred sizes the cap is the target; the fifth waits for the next batch.
+    five = [waiting(f"r{i}", seq=i) for i in range(5)]
+    assert request_policy().plan(0.0, five, [], CTX) == Plan(admit=("r0", "r1", "r2", "r3"),
+                                                             forward=("r0", "r1", "r2", "r3"))
+
+
+def test_request_mode_batches_only_compatible_requests_behind_the_head():
+    policy = request_policy()
+    queue = [waiting("a", seq=0), waiting("big", seq=1, w=128), waiting("b", seq=2), waiting("long", seq=3, steps=8)]
+    assert policy.plan(1.0, queue, [], CTX) == Plan(admit=("a", "b"), forward=("a", "b"))
+
+
+def test_request_mode_skips_the_delay_when_arrivals_are_sparse():
+    policy = request_policy()
+    sparse = Context(cap_images=4, arrival_gap_s=1.0)  # one request a second; the delay is 50 ms
+    busy = Context(cap_images=4, arrival_gap_s=0.01)
+    assert policy.plan(0.0, [waiting("a")], [], sparse) == Plan(admit=("a",), forward=("a",))
+    assert policy.plan(0.0, [waiting("a")], [], busy) == pytest.approx(0.05)
+
+
+def test_request_mode_waits_no_longer_than_the_head_deadline_allows():
+    policy = request_policy()
+    head = waiting("a", deadline=1.0, service_s=0.97)  # 30 ms of slack, less than the 50 ms delay
+    assert policy.plan(0.0, [head], [], CTX) == pytest.approx(0.03)
+    assert isinstance(policy.plan(0.03, [head], [], CTX), Plan)
+
+
+def test_request_mode_runs_a_batch_to_the_end_without_admitting():
+    policy = request_policy()
+    plan = policy.plan(5.0, [waiting("late")], [running("a", 3), running("b", 3, seq=1)], CTX)
+    assert plan == Plan(admit=(), forward=("a", "b"))
+    assert policy.plan(0.0, [], [], CTX) == math.inf
+
+
+# ---------------------------------------------------------------------------- step mode
+def test_step_mode_joins_newcomers_at_the_next_step_and_steps_them_with_the_running():
+    plan = step_policy().plan(1.0, [waiting("new", seq=1)], [running("old", 7)], CTX)
+    assert plan == Plan(admit=("new",), forward=("new", "old"))  # least recently stepped first
+
+
+def test_step_mode_forward_leaves_out_requests_that_left():
+    policy = step_policy()
+    assert policy.plan(1.0, [], [running("a", 3), running("b", 3, seq=1)], CTX).forward == ("a", "b")
+    assert policy.plan(1.0, [], [running("b", 4, seq=1)], CTX).forward == ("b",)
+    assert policy.plan(1.0, [], [], CTX) == math.inf
+
+
+def test_step_mode_interleaves_resolutions_it_does_not_mix():
+    policy = step_policy(mix_resolutions="never")
+    small, big = running("small", 5), running("big", 4, seq=1, w=128)
+    assert policy.plan(0.0, [], [small, big], CTX).forward == ("big",)
+    assert policy.plan(0.0, [], [running("small", 5), running("big", 6, seq=1, w=128)], CTX).forward == ("small",)
+    mixing = step_policy(mix_resolutions="always")
+    assert mixing.plan(0.0, [], [small, big], CTX).forward == ("big", "small")
+    # auto: the measured table decides.
+    auto = step_policy(mix_resolutions="auto")
+    table = Context(cap_images=4, mix_table={frozenset({16, 32}): True})  # 64x64, 128x64 tokens
+    assert auto.plan(0.0, [], [small, big], table).forward == ("big", "small")
+    assert auto.plan(0.0, [], [small, big], CTX).forward == ("big",)
+
+
+def test_step_mode_respects_the_token_budget():
+    # 64x64 is 16 tokens per image; a budget of 40 holds two such images, not three.
+    policy = step_policy(max_tokens_per_step=40)
+    plan = policy.plan(0.0, [], [running("a", 1), running("b", 1, seq=1), running("c", 1, seq=2)], CTX)
+    assert plan.forward == ("a", "b")
+    # Padded when mixed: 32 + 16 tokens pads to 2 x 32 = 64 > 60, so the big one goes alone first.
+    mixed = step_policy(max_tokens_per_step=60, mix_resolutions="always")
+    assert mixed.plan(0.0, [], [running("big", 1, w=128), running("small", 2, seq=1)], CTX).forward == ("big",)
+
+
+def test_step_mode_never_lets_a_smaller_request_overtake_the_head():
+    policy = step_policy()
+    queue = [waiting("head", seq=1, n=2), waiting("small", seq=2, n=1)]
+    # 3 of 4 images run: the head (2 images) does not fit, so nothing is admitted, not even "small".
+    plan = policy.plan(0.0, queue, [running("r", 1, n=3)], CTX)
+    assert plan.admit == () and plan.forward == ("r",)
+    # Once the running set is empty, a request larger than the cap still runs (alone).
+    big = policy.plan(0.0, [waiting("huge", n=6), waiting("next", seq=1)], [], CTX)
+    assert big.admit == ("huge",)
+
+
+def test_step_mode_orders_admissions_by_aged_priority():
+    policy = step_policy(priority_aging_s=10.0)
+    queue = [waiting("old-low", arrival=0.0, seq=0, priority=-3), waiting("new-high", arrival=39.0, seq=1, priority=1)]
+    # At t=40 old-low has aged to -3 + 4 = 1.0 and new-high to 1.1: new-high first.
+    assert policy.plan(40.0, queue, [], Context(cap_images=1)).admit == ("new-high",)
+    # At t=50 old-low is at 2.0, new-high at 2.1; a tie in aged priority goes to the earlier arrival.
+    tie = [waiting("old-low", arrival=0.0, seq=0, priority=-3), waiting("new-high", arrival=40.0, seq=1, priority=1)]
+    assert policy.plan(70.0, tie, [], Context(cap_images=1)).admit == ("old-low",)
+
+
+def test_cfg_images_count_twice_against_a_sample_cap():
+    policy = step_policy()
+    capped = Context(cap_images=4, cap_samples=2)
+    cfg = [running("c1", 1, guidance=4.0), running("c2", 1, seq=1, guidance=4.0)]
+    assert policy.plan(0.0, [], cfg, capped).forward == ("c1",)
+    plain = [running("p1", 1), running("p2", 1, seq=1)]
+    assert policy.plan(0.0, [], plain, capped).forward == ("p1", "p2")
