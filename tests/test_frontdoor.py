@@ -137,3 +137,22 @@ async def test_bearer_token_is_checked_once_for_grpc_and_http(bridged, tmp_path,
     assert grpc_ok == http_ok == [True, True, True, False, False, False, False]
     # Both front ends asked the one check, once per call.
     assert len(seen) == 2 * len(HEADERS)
+
+
+async def test_a_slow_stream_reader_with_previews_every_step_holds_up_no_one(make_server):
+    server = await make_server(batching="step", max_batch_size=4)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ImageGenerationServiceStub(channel)
+        stream = stub.StreamProgress(build_request("slow", width=64, height=64, steps=8, seed=1,
+                                                   preview_every_n_steps=1))
+        events = [await stream.read()]
+        # The stream is not read while another request runs from start to end.
+        other = await stub.Generate(build_request("other", width=64, height=64, steps=8, seed=2))
+        assert other.images and other.steps == 8
+        while (event := await stream.read()) != grpc.aio.EOF:
+            events.append(event)
+    kinds = [e.WhichOneof("event") for e in events]
+    assert kinds[-1] == "completed" and kinds.count("started") == 1
+    steps = [e.step for e in events if e.WhichOneof("event") == "step"]
+    assert [s.step for s in steps] == list(range(1, 9))  # every step event arrives, in order
+    assert len(steps[-1].previews) == 1  # and the latest preview with it

@@ -29,13 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -47,62 +46,12 @@ from ..types import Completed, EncodedImage, GenerationRequest, GenerationResult
 from . import previews
 from .estimates import Estimates
 from .executor import OOM_RECOVERY_S, Executor
+from .handle import EngineLike, RequestHandle
 from .policy import Context, Plan, Running, Waiting, make_policy, samples
 from .queue import WaitingQueue
 from .state import RequestState
 
 log = logging.getLogger(__name__)
-
-
-class EngineLike(Protocol):
-    """The engine interface the scheduler drives (see engine.engine.ZImageEngine)."""
-
-    def start(self, requests: Sequence[GenerationRequest]) -> list[list[Any]]: ...
-
-    def step(self, slots: Sequence[Any], want_preview: Sequence[bool] = ()) -> list[np.ndarray | None]: ...
-
-    def decode(self, slots: Sequence[Any]) -> list[np.ndarray]: ...
-
-
-class RequestHandle:
-    """The front door's view of a submitted request: its events, and a way to cancel it."""
-
-    def __init__(self, scheduler: Scheduler, state: RequestState):
-        self._scheduler = scheduler
-        self._state = state
-
-    @property
-    def request_id(self) -> str:
-        return self._state.request_id
-
-    @property
-    def status(self) -> RequestStatus:
-        return self._state.status
-
-    async def events(self) -> AsyncIterator[Any]:
-        """Yield events up to and including Completed; raise the domain error a request ends with."""
-        while True:
-            event = await self._state.channel.get()
-            if isinstance(event, ZImageError):
-                raise event
-            yield event
-            if isinstance(event, Completed):
-                return
-
-    async def result(self) -> GenerationResult:
-        """Wait for the final result (or raise the request's error)."""
-        async for event in self.events():
-            if isinstance(event, Completed):
-                return event.result
-        raise AssertionError("event stream ended without a result")  # pragma: no cover
-
-    def cancel(self, *, expired: bool = False) -> None:
-        """Leave the queue at once, or the running batch at the next step boundary.
-
-        ``expired``: the caller gave up because the deadline passed (a gRPC handler is cancelled by its
-        deadline before the scheduler sees it): the request ends as expired, not cancelled.
-        """
-        self._scheduler.cancel(self._state, expired=expired)
 
 
 class Scheduler:
@@ -132,6 +81,7 @@ class Scheduler:
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
         self._post_tasks: set[asyncio.Task[None]] = set()
+        self._previews = previews.PreviewEmitter(self.executor, self.metrics, clock, self._post_tasks)
         self._accepting = True
 
     # ------------------------------------------------------------------ lifecycle
@@ -220,19 +170,25 @@ class Scheduler:
 
     def cancel(self, state: RequestState, *, expired: bool = False) -> None:
         """Cancel a request: see RequestHandle.cancel."""
+        if state.status.finished or state.cancel_requested:
+            return
+        state.cancel_requested, state.expire_requested = True, expired
         if state.status is RequestStatus.WAITING and state in self.queue:
             self.queue.remove(state)
-            if expired:
-                self._expired_waiting(state, "the client's deadline passed")
-            else:
-                self.metrics.cancelled.labels(stage="queued").inc()
-                self._finish(state, RequestStatus.FINISHED_CANCELLED, Cancelled(state.request_id, "queued"))
+            self._end_by_client(state, "queued")
             self.queue.publish_positions()
-            self._update_gauges()
-        elif state.status is RequestStatus.RUNNING and not state.cancel_requested:
-            state.cancel_requested = True
-            state.expire_requested = expired
-            self._wakeup.set()
+        self._wakeup.set()  # a running one leaves at the next step boundary
+
+    def _end_by_client(self, state: RequestState, stage: str) -> None:
+        """End a request its client gave up on: expired when it gave up at its deadline, else cancelled."""
+        if state.expire_requested:
+            self.metrics.expired.labels(stage=stage).inc()
+            self._finish(state, RequestStatus.FINISHED_EXPIRED,
+                         DeadlineExceeded(state.request_id, stage, "the client's deadline passed"))
+        else:
+            self.metrics.cancelled.labels(stage=stage).inc()
+            self._finish(state, RequestStatus.FINISHED_CANCELLED, Cancelled(state.request_id, stage))
+        self._update_gauges()
 
     def estimate_service_s(self, request: GenerationRequest) -> float:
         """Best guess of the seconds from start to result for ``request`` (0 when nothing is measured yet)."""
@@ -242,9 +198,11 @@ class Scheduler:
         """Run ``fn(*args)`` on the engine thread, between two engine calls (e.g. a LoRA reload)."""
         return await self.executor.run(fn, *args)
 
-    def _expired_waiting(self, state: RequestState, why: str = "it cannot finish before its deadline") -> None:
+    def _expired_waiting(self, state: RequestState) -> None:
+        """The queue's expiry timer: the request cannot finish before its deadline any more."""
         self.metrics.expired.labels(stage="queued").inc()
-        self._finish(state, RequestStatus.FINISHED_EXPIRED, DeadlineExceeded(state.request_id, "queued", why))
+        self._finish(state, RequestStatus.FINISHED_EXPIRED,
+                     DeadlineExceeded(state.request_id, "queued", "it cannot finish before its deadline"))
         self._update_gauges()
 
     # ------------------------------------------------------------------ the loop: decide, then act
@@ -296,8 +254,7 @@ class Scheduler:
             elif state.cancel_requested:
                 self._running.remove(state)
                 if self._accepting:
-                    self.metrics.cancelled.labels(stage="running").inc()
-                    self._finish(state, RequestStatus.FINISHED_CANCELLED, Cancelled(state.request_id, "running"))
+                    self._end_by_client(state, "running")
                 else:
                     self._finish(state, RequestStatus.FINISHED_REJECTED,
                                  ShuttingDown("server shut down while the request ran"))
@@ -368,36 +325,9 @@ class Scheduler:
         self.metrics.steps.inc(len(state.slots))
         state.batch_size = max(state.batch_size, batch_size)
         slot = state.slots[0]
-        event = StepDone(step=slot.step_index, total_steps=slot.total_steps, elapsed_s=now - state.started_at,
-                         batch_size=batch_size, previews=(), since_arrival_s=now - state.arrival)
-        if state.emitting is None and all(p is None for p in pixels):
-            state.emit(event)
-            return
-        # Previews are encoded on the pool while the engine goes on; the events keep their order.
-        task = asyncio.get_running_loop().create_task(self._emit_step(state, event, list(pixels), state.emitting))
-        state.emitting = task
-        self._post_tasks.add(task)
-        task.add_done_callback(self._post_tasks.discard)
-
-    async def _emit_step(self, state: RequestState, event: StepDone, pixels: list[np.ndarray | None],
-                         previous: asyncio.Future[None] | None) -> None:
-        shown: tuple[EncodedImage, ...] = ()
-        if state.request.preview is not None and any(p is not None for p in pixels):
-            try:
-                shown = await self.executor.encode(previews.encode_previews, state.request.preview,
-                                                   list(state.slots), pixels)
-            except Exception:  # a preview is optional: the step event still goes out
-                log.exception("preview encoding failed for request %s", state.request_id)
-        if previous is not None:
-            await previous
-        if state.emitting is asyncio.current_task():
-            state.emitting = None
-        if state.status.finished:
-            return
-        if shown and not state.first_preview_sent:
-            state.first_preview_sent = True
-            self.metrics.first_preview.observe(self._clock() - state.arrival)
-        state.emit(dataclasses.replace(event, previews=shown))
+        self._previews.emit_step(state, pixels, StepDone(
+            step=slot.step_index, total_steps=slot.total_steps, elapsed_s=now - state.started_at,
+            batch_size=batch_size, previews=(), since_arrival_s=now - state.arrival))
 
     # ------------------------------------------------------------------ finishing
     async def _finish_done(self, states: list[RequestState]) -> None:
@@ -441,14 +371,7 @@ class Scheduler:
             return
         self._finishing.remove(state)
         if state.cancel_requested:
-            if state.expire_requested:
-                self.metrics.expired.labels(stage="running").inc()
-                self._finish(state, RequestStatus.FINISHED_EXPIRED,
-                             DeadlineExceeded(state.request_id, "running", "the client's deadline passed"))
-            else:
-                self.metrics.cancelled.labels(stage="running").inc()
-                self._finish(state, RequestStatus.FINISHED_CANCELLED, Cancelled(state.request_id, "running"))
-            self._update_gauges()
+            self._end_by_client(state, "running")
             return
         now = self._clock()
         inference_s = now - state.started_at
