@@ -10,9 +10,9 @@ from zimage_server.config import SchedulerConfig
 from zimage_server.scheduler.policy import (
     Context,
     Plan,
-    RequestPolicy,
+    RequestModePolicy,
     Running,
-    StepPolicy,
+    StepModePolicy,
     Waiting,
     make_policy,
 )
@@ -35,21 +35,21 @@ def running(rid: str, last_tick: int, *, seq: int = 0, **kw) -> Running:
     return Running(rid, req(rid, **kw), seq, last_tick)
 
 
-def request_policy(**kw) -> RequestPolicy:
+def request_policy(**kw) -> RequestModePolicy:
     kw.setdefault("max_queue_delay_ms", 50)
-    return RequestPolicy(SchedulerConfig(batching="request", **kw))
+    return RequestModePolicy(SchedulerConfig(batching="request", **kw))
 
 
-def step_policy(**kw) -> StepPolicy:
-    return StepPolicy(SchedulerConfig(batching="step", **kw))
+def step_policy(**kw) -> StepModePolicy:
+    return StepModePolicy(SchedulerConfig(batching="step", **kw))
 
 
 CTX = Context(cap_images=4)
 
 
 def test_the_mode_picks_the_policy_class():
-    assert type(make_policy(SchedulerConfig(batching="request"))) is RequestPolicy
-    assert type(make_policy(SchedulerConfig(batching="step"))) is StepPolicy
+    assert type(make_policy(SchedulerConfig(batching="request"))) is RequestModePolicy
+    assert type(make_policy(SchedulerConfig(batching="step"))) is StepModePolicy
 
 
 # ---------------------------------------------------------------------------- request mode

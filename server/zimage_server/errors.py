@@ -17,6 +17,7 @@ class ErrorKind(enum.Enum):
 
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     UNAUTHENTICATED = "UNAUTHENTICATED"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     NOT_FOUND = "NOT_FOUND"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
@@ -36,6 +37,7 @@ class ErrorKind(enum.Enum):
 HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.INVALID_ARGUMENT: 400,
     ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.PERMISSION_DENIED: 403,
     ErrorKind.NOT_FOUND: 404,
     ErrorKind.FAILED_PRECONDITION: 400,  # Google's HTTP mapping: the client must change the request
     ErrorKind.RESOURCE_EXHAUSTED: 429,
@@ -206,3 +208,10 @@ class Unimplemented(ZImageError):
     """The call names a feature this server does not serve (yet)."""
 
     kind = ErrorKind.UNIMPLEMENTED
+
+
+class PermissionDenied(ZImageError):
+    """The caller may not use this server (e.g. a web page from an origin that is not allowed)."""
+
+    kind = ErrorKind.PERMISSION_DENIED
+    reason = "origin_not_allowed"

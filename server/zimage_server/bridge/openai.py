@@ -258,6 +258,7 @@ def openai_param(field: str) -> str:
 _KINDS: dict[ErrorKind, tuple[str, str | None]] = {
     ErrorKind.INVALID_ARGUMENT: ("invalid_request_error", "invalid_value"),
     ErrorKind.UNAUTHENTICATED: ("invalid_request_error", "invalid_api_key"),
+    ErrorKind.PERMISSION_DENIED: ("invalid_request_error", "permission_denied"),
     ErrorKind.NOT_FOUND: ("invalid_request_error", "not_found"),
     ErrorKind.FAILED_PRECONDITION: ("invalid_request_error", "unsupported_on_this_server"),
     ErrorKind.RESOURCE_EXHAUSTED: ("requests", "rate_limit_exceeded"),

@@ -32,6 +32,9 @@ from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
 
+from ..errors import PermissionDenied
+from .errors import render_http
+
 log = logging.getLogger("zimage.requests")
 
 OPEN_PATHS = frozenset({"/", "/healthz"})  # GET only: static page and probe, they start no work
@@ -89,11 +92,10 @@ def origin_middleware(policy: OriginPolicy, on_refused: Callable[[], None] | Non
             log.info("request refused", extra={"fields": {
                 "event": "request", "path": request.path, "code": "PERMISSION_DENIED",
                 "error": "origin not allowed", "origin": origin[:200]}})
-            return web.json_response(
-                {"code": "PERMISSION_DENIED",
-                 "message": f"origin {origin or '(cross-site, no Origin header)'} may not call this server; "
-                            "start it with --http-allowed-origins listing the page's origin"},
-                status=403)
+            error = render_http(PermissionDenied(
+                f"origin {origin or '(cross-site, no Origin header)'} may not call this server; "
+                "start it with --http-allowed-origins listing the page's origin"))
+            return web.json_response(error.body(), status=error.http_status, headers=error.headers())
         if origin and origin != policy.own(request):  # same-origin responses need no CORS headers
             request[_REQUEST_KEY] = origin
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:

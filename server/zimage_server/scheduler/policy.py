@@ -8,13 +8,13 @@ on the answer; tests and the simulator call ``plan`` directly with a fake clock.
 
 One class per ``BatchingMode``:
 
-- ``RequestPolicy`` (Triton-style dynamic batching): when nothing runs, the highest-priority
+- ``RequestModePolicy`` (Triton-style dynamic batching): when nothing runs, the highest-priority
   waiting request opens a batch; compatible requests (same ``compat_key`` with steps) join in
   priority order up to the cap. The batch leaves when it reaches the largest preferred size (or
   the cap), when its opener has waited ``max_queue_delay_ms``, when waiting longer would risk the
   opener's deadline, or at once when arrivals are too sparse for company to be likely. It runs all
   its steps together; nothing is admitted while it runs.
-- ``StepPolicy`` (continuous batching): waiting requests join at every step boundary in priority
+- ``StepModePolicy`` (continuous batching): waiting requests join at every step boundary in priority
   order while their images fit the cap; the head of the queue is never overtaken by a smaller
   request behind it (so large requests cannot starve); a request larger than the cap runs once
   nothing else does. Each forward takes the least recently stepped request's group (same
@@ -142,7 +142,7 @@ class Policy(abc.ABC):
         return sorted(running, key=lambda r: (r.last_tick, -r.request.priority, r.seq))
 
 
-class RequestPolicy(Policy):
+class RequestModePolicy(Policy):
     """Dynamic batching of whole requests (BatchingMode.REQUEST)."""
 
     def plan(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running], context: Context) -> Decision:
@@ -175,7 +175,7 @@ class RequestPolicy(Policy):
         return context.arrival_gap_s is None or context.arrival_gap_s < 4 * wait_s
 
 
-class StepPolicy(Policy):
+class StepModePolicy(Policy):
     """Continuous batching at step boundaries (BatchingMode.STEP)."""
 
     def plan(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running], context: Context) -> Decision:
@@ -242,7 +242,7 @@ class StepPolicy(Policy):
         return len(tokens) == 1
 
 
-POLICIES: dict[BatchingMode, type[Policy]] = {BatchingMode.REQUEST: RequestPolicy, BatchingMode.STEP: StepPolicy}
+POLICIES: dict[BatchingMode, type[Policy]] = {BatchingMode.REQUEST: RequestModePolicy, BatchingMode.STEP: StepModePolicy}
 
 
 def make_policy(config: SchedulerConfig) -> Policy:
