@@ -264,3 +264,33 @@ def test_queue_position_then_cancel_while_waiting(server, browser):
     while metric(_get(metrics_url)[1], "zimage_running_requests") != 0:
         assert time.monotonic() < deadline, "the disconnected request kept its slot"
         time.sleep(0.05)
+
+
+def test_image_drop_zone_sends_an_img2img_request(server, browser, tmp_path):
+    """Issue 15: a start image chosen in the drop zone goes out as initImage (base64) with the strength
+    slider's value; the server runs only the steps image-to-image runs (strength 0.6 of 4 steps: 3)."""
+    from PIL import Image
+
+    base, metrics_url = server
+    driver = browser
+    driver.get(base + "/")
+    wait = WebDriverWait(driver, 60, poll_frequency=0.05)
+    wait.until(lambda d: "tiny" in d.find_element(By.ID, "model").text)
+    picture = tmp_path / "start.png"
+    Image.new("RGB", (256, 256), (200, 80, 40)).save(picture)
+    chooser = driver.find_element(By.ID, "init-file")
+    driver.execute_script("arguments[0].hidden = false;", chooser)  # the drop zone opens it on click
+    chooser.send_keys(str(picture))
+    wait.until(lambda d: d.find_element(By.ID, "init-controls").is_displayed())
+    assert driver.find_element(By.ID, "init-thumb").get_attribute("src").startswith("data:image/png;base64,")
+    driver.find_element(By.ID, "prompt").send_keys("a red fox, watercolour")
+    steps = driver.find_element(By.ID, "steps")
+    steps.clear()
+    steps.send_keys("4")
+    driver.find_element(By.ID, "generate").click()
+    wait.until(lambda d: state(d) in ("done", "error"))
+    assert state(driver) == "done", driver.find_element(By.ID, "status").text
+    assert int(driver.find_element(By.ID, "preview").get_attribute("data-preview-count")) == 3
+    driver.save_screenshot(str(ARTIFACTS / "browser_e2e_img2img.png"))
+    driver.find_element(By.ID, "init-clear").click()
+    assert not driver.find_element(By.ID, "init-controls").is_displayed()
