@@ -47,6 +47,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--dtype", "engine", "dtype", "str", "auto | bfloat16 | float16 | float32 (auto: bf16 on cuda)"),
     Option("--compile", "engine", "compile", "bool", "torch.compile the transformer's repeated blocks"),
     Option("--compile-vae", "engine", "compile_vae", "bool", "also torch.compile the VAE decoder"),
+    Option("--compile-cache-dir", "engine", "compile_cache_dir", "str",
+           "keep compiled artifacts here (a persistent volume) so restarts skip most compilation"),
     Option("--quantize", "engine", "quantize", "str", "none | int8 | fp8 | int4 (transformer weights)"),
     Option("--quant-backend", "engine", "quant_backend", "str", "torchao | quanto"),
     Option("--quantize-text-encoder", "engine", "quantize_text_encoder", "bool", "quantize the text encoder too"),

@@ -195,6 +195,70 @@ def apply(pipe: ZImagePipeline, config: EngineConfig, device: torch.device) -> A
     return AccelReport(quantize_s=quantize_s, quant_cache_hit=cache_hit, compile_s=compile_s)
 
 
+def log_compile_cache(config: EngineConfig, before: tuple[int, int, int, int]) -> CompileCacheReport | None:
+    """Log whether the compilation since ``before`` (see ``cache_counts``) was served by --compile-cache-dir."""
+    if not (config.compile and config.compile_cache_dir):
+        return None
+    after = _cache_counts()
+    fx_hits, fx_misses, aot_hits, aot_misses = (a - b for a, b in zip(after, before, strict=True))
+    report = CompileCacheReport(config.compile_cache_dir, fx_hits, fx_misses, aot_hits, aot_misses)
+    log.info("compile cache %s in %s: %d of %d inductor graphs and %d of %d AOT graphs from the cache%s",
+             report.verdict.upper(), report.directory, fx_hits, fx_hits + fx_misses, aot_hits, aot_hits + aot_misses,
+             "" if report.verdict == "hit" else "; the rest were compiled and saved for the next start")
+    return report
+
+
+# --------------------------------------------------------------------------- compile cache
+@dataclasses.dataclass(frozen=True)
+class CompileCacheReport:
+    """How the compile caches answered during one compilation (counts of graphs)."""
+
+    directory: str
+    fx_hits: int
+    fx_misses: int
+    aot_hits: int
+    aot_misses: int
+
+    @property
+    def verdict(self) -> str:
+        hits, misses = self.fx_hits + self.aot_hits, self.fx_misses + self.aot_misses
+        if hits and not misses:
+            return "hit"
+        return "partial hit" if hits else "miss"
+
+
+def use_compile_cache(directory: str) -> None:
+    """Keep inductor's on-disk caches (FX graph cache and AOTAutograd cache) in ``directory``.
+
+    Both are keyed by the traced graph, the inductor/torch configuration and the torch version, so a
+    restart with the same model, flags and torch build skips code generation and C++/Triton compiles;
+    anything else misses and is compiled as usual. Dynamo's tracing itself still runs each start.
+    (Measured against ``torch.compiler.save/load_cache_artifacts`` in bench/bench_startup.py: the same
+    warm start, and a directory also serves graphs compiled after start-up; docs/benchmarks.md.)
+
+    inductor reads its cache location from ``TORCHINDUCTOR_CACHE_DIR`` at each use, so it is set
+    here, in the server process, before the first compile.
+    """
+    import os
+
+    root = pathlib.Path(directory).expanduser().resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--compile-cache-dir {directory}: cannot create it ({exc})") from exc
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+
+
+def cache_counts() -> tuple[int, int, int, int]:
+    from torch._dynamo.utils import counters
+
+    return (counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"],
+            counters["aot_autograd"]["autograd_cache_hit"], counters["aot_autograd"]["autograd_cache_miss"])
+
+
 # --------------------------------------------------------------------------- compile
 def compile_models(pipe: ZImagePipeline, config: EngineConfig, *, prewarm: bool = True) -> None:
     """Regional compilation of the transformer's repeated blocks (and optionally the VAE decoder),

@@ -1,0 +1,161 @@
+"""Start-up time: process launch to SERVING, beside the floor of importing torch and diffusers.
+
+    python bench/bench_startup.py [--presets tiny,bench] [--repeats 2] [--out bench/results/startup.json]
+
+Rows (seconds, wall clock):
+- floor:   ``python -c "import torch; from diffusers import ZImagePipeline"``
+- import:  the server's own imports (optional back ends hidden, as a default start does), no model
+- per preset: ``zimage-server --model P`` eager; ``--compile`` with an empty ``--compile-cache-dir``
+  (cold); ``--compile`` again with that directory (warm). Launch -> the "serving" log line, which is
+  written right after health turns SERVING.
+- cache mechanisms (tiny, compile + pre-warm alone, in a fresh process each): no cache; inductor's
+  cache directory warm (what --compile-cache-dir uses); ``torch.compiler.load_cache_artifacts`` of the
+  bytes ``save_cache_artifacts`` wrote after a cold compile, into an empty cache directory.
+
+Eager, floor and import rows are the median of ``--repeats`` runs; compiled rows run once (minutes each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BIN = pathlib.Path(sys.executable).parent
+FLOOR = "import torch; from diffusers import ZImagePipeline"
+SERVER_IMPORTS = (
+    "from zimage_server.config import EngineConfig; from zimage_server.engine import accel; "
+    "accel.hide_unused_backends(EngineConfig()); import zimage_server.app, zimage_server.engine.engine"
+)
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+    started = time.monotonic()
+    subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - started
+
+
+def until_serving(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 900) -> tuple[float, str]:
+    """Launch zimage-server, return (seconds to the 'serving' log line, the compile-cache log line if any)."""
+    cmd = [str(BIN / "zimage-server"), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    cache_line = ""
+    try:
+        for line in proc.stderr:
+            if "compile cache" in line:
+                cache_line = line.split(" compile cache ", 1)[1].strip()
+            if " serving " in line:
+                return time.monotonic() - started, cache_line
+            if time.monotonic() - started > timeout_s:
+                break
+        raise RuntimeError(f"{' '.join(cmd)} did not reach SERVING (exit {proc.poll()})")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# --------------------------------------------------------------------------- cache mechanisms (child)
+def child(mode: str, preset: str, artifacts: str) -> None:
+    """One fresh process: load the preset, compile + pre-warm the transformer, print the seconds."""
+    import torch
+    from zimage_server.config import EngineConfig
+    from zimage_server.engine import accel
+    from zimage_server.engine.engine import ZImageEngine
+
+    config = EngineConfig(model=preset)
+    engine = ZImageEngine.load(config)  # eager: compile below is what is timed
+    if mode == "artifacts-load":
+        torch.compiler.load_cache_artifacts(pathlib.Path(artifacts).read_bytes())
+    before = accel.cache_counts()
+    started = time.monotonic()
+    accel.compile_models(engine.pipe, EngineConfig(model=preset, compile=True))
+    seconds = time.monotonic() - started
+    after = accel.cache_counts()
+    if mode == "artifacts-save":
+        data, _ = torch.compiler.save_cache_artifacts()
+        pathlib.Path(artifacts).write_bytes(data)
+    hits = (after[0] - before[0]) + (after[2] - before[2])
+    print(json.dumps({"seconds": seconds, "cache_hits": hits}))
+
+
+def mechanism(mode: str, preset: str, cache_dir: str, artifacts: str) -> dict[str, float]:
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache_dir)
+    out = subprocess.run([sys.executable, __file__, "--child", mode, "--presets", preset, "--artifacts", artifacts],
+                         check=True, env=env, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def measure_mechanisms(preset: str) -> dict[str, dict[str, float]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = pathlib.Path(tmp)
+        artifacts = str(tmp_path / "artifacts.bin")
+        cold = mechanism("artifacts-save", preset, str(tmp_path / "cold"), artifacts)  # fills "cold" too
+        warm_dir = mechanism("dir", preset, str(tmp_path / "cold"), artifacts)
+        loaded = mechanism("artifacts-load", preset, str(tmp_path / "empty"), artifacts)
+        return {"cold": cold, "inductor_cache_dir": warm_dir, "cache_artifacts": loaded,
+                "artifacts_bytes": pathlib.Path(artifacts).stat().st_size}
+
+
+# --------------------------------------------------------------------------- main
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="tiny,bench")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--no-mechanisms", action="store_true", help="skip the cache-mechanism comparison")
+    parser.add_argument("--out", default=str(ROOT / "bench/results/startup.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--artifacts", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.presets, args.artifacts)
+        return
+
+    results: dict[str, object] = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared)",
+                                  "python": platform.python_version()}
+    rows: list[tuple[str, str, float, str]] = []
+    floor = median([timed([sys.executable, "-c", FLOOR]) for _ in range(args.repeats)])
+    imports = median([timed([sys.executable, "-c", SERVER_IMPORTS]) for _ in range(args.repeats)])
+    rows += [("floor", "import torch + ZImagePipeline", floor, ""), ("import", "server modules", imports, "")]
+    for preset in args.presets.split(","):
+        eager = median([until_serving(["--model", preset])[0] for _ in range(args.repeats)])
+        rows.append((preset, "eager", eager, f"floor +{eager - floor:.1f} s"))
+        with tempfile.TemporaryDirectory() as cache:
+            cold, cold_line = until_serving(["--model", preset, "--compile", "--compile-cache-dir", cache])
+            warm, warm_line = until_serving(["--model", preset, "--compile", "--compile-cache-dir", cache])
+        rows.append((preset, "--compile, cold cache", cold, cold_line.split(" in ")[0]))
+        rows.append((preset, "--compile, warm cache", warm, f"{warm / cold:.0%} of cold; {warm_line.split(' in ')[0]}"))
+    results["rows"] = [dict(preset=p, setup=s, seconds=round(t, 2), note=n) for p, s, t, n in rows]
+
+    print(f"{'preset':<8} {'setup':<30} {'launch->SERVING s':>18}  note")
+    for preset, setup, seconds, note in rows:
+        print(f"{preset:<8} {setup:<30} {seconds:>18.1f}  {note}")
+    if not args.no_mechanisms:
+        mech = measure_mechanisms("tiny")
+        results["mechanisms_tiny"] = mech
+        print("\ncompile + pre-warm of the tiny transformer in a fresh process (s):")
+        for name in ("cold", "inductor_cache_dir", "cache_artifacts"):
+            print(f"  {name:<20} {mech[name]['seconds']:>6.1f}  cache hits {mech[name]['cache_hits']}")
+        print(f"  artifacts file: {mech['artifacts_bytes'] / 1024:.0f} KiB")
+    pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
