@@ -43,7 +43,7 @@ def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
     return time.monotonic() - started
 
 
-def until_serving(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 900) -> tuple[float, str]:
+def until_serving(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 3600) -> tuple[float, str]:
     """Launch zimage-server, return (seconds to the 'serving' log line, the compile-cache log line if any)."""
     cmd = [str(BIN / "zimage-server"), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args]
     started = time.monotonic()
@@ -51,7 +51,7 @@ def until_serving(args: list[str], env: dict[str, str] | None = None, timeout_s:
     cache_line = ""
     try:
         for line in proc.stderr:
-            if "compile cache" in line:
+            if " compile cache " in line:
                 cache_line = line.split(" compile cache ", 1)[1].strip()
             if " serving " in line:
                 return time.monotonic() - started, cache_line
@@ -65,6 +65,15 @@ def until_serving(args: list[str], env: dict[str, str] | None = None, timeout_s:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def report(rows: list[tuple[str, str, float, str]], row: tuple[str, str, float, str]) -> None:
+    """Print a row as soon as it is measured (compiled rows take minutes on a busy CPU)."""
+    if not rows:
+        print(f"{'preset':<8} {'setup':<30} {'launch->SERVING s':>18}  note", flush=True)
+    rows.append(row)
+    preset, setup, seconds, note = row
+    print(f"{preset:<8} {setup:<30} {seconds:>18.1f}  {note}", flush=True)
 
 
 def median(values: list[float]) -> float:
@@ -89,8 +98,10 @@ def child(mode: str, preset: str, artifacts: str) -> None:
     seconds = time.monotonic() - started
     after = accel.cache_counts()
     if mode == "artifacts-save":
-        data, _ = torch.compiler.save_cache_artifacts()
-        pathlib.Path(artifacts).write_bytes(data)
+        saved = torch.compiler.save_cache_artifacts()
+        if saved is None:
+            raise RuntimeError("torch.compiler.save_cache_artifacts recorded nothing")
+        pathlib.Path(artifacts).write_bytes(saved[0])
     hits = (after[0] - before[0]) + (after[2] - before[2])
     print(json.dumps({"seconds": seconds, "cache_hits": hits}))
 
@@ -131,21 +142,19 @@ def main() -> None:
                                   "python": platform.python_version()}
     rows: list[tuple[str, str, float, str]] = []
     floor = median([timed([sys.executable, "-c", FLOOR]) for _ in range(args.repeats)])
+    report(rows, ("floor", "import torch + ZImagePipeline", floor, ""))
     imports = median([timed([sys.executable, "-c", SERVER_IMPORTS]) for _ in range(args.repeats)])
-    rows += [("floor", "import torch + ZImagePipeline", floor, ""), ("import", "server modules", imports, "")]
+    report(rows, ("import", "server modules", imports, f"floor +{imports - floor:.1f} s"))
     for preset in args.presets.split(","):
         eager = median([until_serving(["--model", preset])[0] for _ in range(args.repeats)])
-        rows.append((preset, "eager", eager, f"floor +{eager - floor:.1f} s"))
+        report(rows, (preset, "eager", eager, f"floor +{eager - floor:.1f} s"))
         with tempfile.TemporaryDirectory() as cache:
             cold, cold_line = until_serving(["--model", preset, "--compile", "--compile-cache-dir", cache])
+            report(rows, (preset, "--compile, cold cache", cold, cold_line.split(" in ")[0]))
             warm, warm_line = until_serving(["--model", preset, "--compile", "--compile-cache-dir", cache])
-        rows.append((preset, "--compile, cold cache", cold, cold_line.split(" in ")[0]))
-        rows.append((preset, "--compile, warm cache", warm, f"{warm / cold:.0%} of cold; {warm_line.split(' in ')[0]}"))
+            report(rows, (preset, "--compile, warm cache", warm,
+                          f"{warm / cold:.0%} of cold; {warm_line.split(' in ')[0]}"))
     results["rows"] = [dict(preset=p, setup=s, seconds=round(t, 2), note=n) for p, s, t, n in rows]
-
-    print(f"{'preset':<8} {'setup':<30} {'launch->SERVING s':>18}  note")
-    for preset, setup, seconds, note in rows:
-        print(f"{preset:<8} {setup:<30} {seconds:>18.1f}  {note}")
     if not args.no_mechanisms:
         mech = measure_mechanisms("tiny")
         results["mechanisms_tiny"] = mech

@@ -284,3 +284,35 @@ async def test_compile_cache_dir_is_missed_then_hit_by_a_restart(tmp_path):
     assert "compile cache MISS in " in lines[0] and "were compiled and saved" in lines[0]
     assert "compile cache HIT in " in lines[1]
     assert any((cache / "inductor").rglob("*"))
+
+
+@pytest.mark.timeout(300)
+def test_hub_id_is_read_from_the_hub_cache_offline(tmp_path, checkpoints):
+    """A hub id resolves through huggingface_hub's cache (HF_HUB_CACHE) with HF_HUB_OFFLINE=1, as after
+    `hf download`; an id that is not cached is a start-up error that says how to prefetch it."""
+    import os
+    import shutil
+
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--example--tiny-zimage"
+    shutil.copytree(checkpoints / "tiny-dir", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    script = (
+        "from zimage_server.config import EngineConfig\n"
+        "from zimage_server.engine.checkpoints import CheckpointError\n"
+        "from zimage_server.engine.engine import ZImageEngine\n"
+        "engine = ZImageEngine.load(EngineConfig(model='example/tiny-zimage', min_size_px=64, default_size_px=256))\n"
+        "print('loaded', engine.description.model_id, engine.description.transformer_parameters)\n"
+        "try:\n"
+        "    ZImageEngine.load(EngineConfig(model='example/not-cached'))\n"
+        "except CheckpointError as exc:\n"
+        "    print('error', exc)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "hub"))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("loaded example/tiny-zimage ")
+    assert lines[1].startswith("error --model example/not-cached: cannot load a Z-Image pipeline")
+    assert "hf download example/not-cached" in lines[1]

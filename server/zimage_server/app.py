@@ -159,7 +159,9 @@ class ZImageServer:
         log.info("model %s loaded in %.1f s", self.config.engine.model, load_s)
         desc = self.engine.description
         sizes = list(self.config.engine.warmup_sizes) or [(desc.default_size_px, desc.default_size_px)]
-        batches = sorted({1, min(2, self.config.scheduler.max_batch_size)})
+        # Compiled: batch 1 and batch n are different graphs, both compiled here rather than under traffic.
+        # Eager has nothing to compile: one batch-1 pass loads the kernels and times a step.
+        batches = sorted({1, min(2, self.config.scheduler.max_batch_size)}) if self.config.engine.compile else [1]
         warm_s = self.engine.warmup(sizes, batches)
         self.metrics.warmup.set(warm_s)
         if self.config.engine.compile:
