@@ -22,6 +22,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -37,14 +38,28 @@ SERVER_IMPORTS = (
 )
 
 
-def timed(argv: list[str], env: dict[str, str] | None = None) -> float:
+TICK_S = 1 / os.sysconf("SC_CLK_TCK")
+
+
+def timed(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of a command run to completion."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     subprocess.run(argv, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.monotonic() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.monotonic() - started, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
-def until_serving(args: list[str], env: dict[str, str] | None = None, timeout_s: float = 3600) -> tuple[float, str]:
-    """Launch zimage-server, return (seconds to the 'serving' log line, the compile-cache log line if any)."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a live process has used so far, from /proc."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * TICK_S  # utime, stime
+
+
+def until_serving(args: list[str], env: dict[str, str] | None = None,
+                  timeout_s: float = 3600) -> tuple[float, float, str]:
+    """Launch zimage-server; return (wall seconds to the 'serving' log line, the server's CPU seconds by
+    then, the compile-cache log line if any). CPU seconds are far less sensitive to a busy machine."""
     cmd = [str(BIN / "zimage-server"), "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *args]
     started = time.monotonic()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
@@ -54,7 +69,7 @@ def until_serving(args: list[str], env: dict[str, str] | None = None, timeout_s:
             if " compile cache " in line:
                 cache_line = line.split(" compile cache ", 1)[1].strip()
             if " serving " in line:
-                return time.monotonic() - started, cache_line
+                return time.monotonic() - started, cpu_seconds(proc.pid), cache_line
             if time.monotonic() - started > timeout_s:
                 break
         raise RuntimeError(f"{' '.join(cmd)} did not reach SERVING (exit {proc.poll()})")
@@ -67,13 +82,16 @@ def until_serving(args: list[str], env: dict[str, str] | None = None, timeout_s:
             proc.wait()
 
 
-def report(rows: list[tuple[str, str, float, str]], row: tuple[str, str, float, str]) -> None:
+Row = tuple[str, str, float, float, str]  # preset, setup, wall s, CPU s, note
+
+
+def report(rows: list[Row], row: Row) -> None:
     """Print a row as soon as it is measured (compiled rows take minutes on a busy CPU)."""
     if not rows:
-        print(f"{'preset':<8} {'setup':<30} {'launch->SERVING s':>18}  note", flush=True)
+        print(f"| preset | setup | launch->SERVING wall s | CPU s | note |\n|---|---|---|---|---|", flush=True)
     rows.append(row)
-    preset, setup, seconds, note = row
-    print(f"{preset:<8} {setup:<30} {seconds:>18.1f}  {note}", flush=True)
+    preset, setup, wall, cpu, note = row
+    print(f"| {preset} | {setup} | {wall:.1f} | {cpu:.1f} | {note} |", flush=True)
 
 
 def median(values: list[float]) -> float:
@@ -93,9 +111,9 @@ def child(mode: str, preset: str, artifacts: str) -> None:
     if mode == "artifacts-load":
         torch.compiler.load_cache_artifacts(pathlib.Path(artifacts).read_bytes())
     before = accel.cache_counts()
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), _own_and_children_cpu()
     accel.compile_models(engine.pipe, EngineConfig(model=preset, compile=True))
-    seconds = time.monotonic() - started
+    seconds, cpu = time.monotonic() - started, _own_and_children_cpu() - cpu_started
     after = accel.cache_counts()
     if mode == "artifacts-save":
         saved = torch.compiler.save_cache_artifacts()
@@ -103,7 +121,13 @@ def child(mode: str, preset: str, artifacts: str) -> None:
             raise RuntimeError("torch.compiler.save_cache_artifacts recorded nothing")
         pathlib.Path(artifacts).write_bytes(saved[0])
     hits = (after[0] - before[0]) + (after[2] - before[2])
-    print(json.dumps({"seconds": seconds, "cache_hits": hits}))
+    print(json.dumps({"seconds": seconds, "cpu_s": cpu, "cache_hits": hits}))
+
+
+def _own_and_children_cpu() -> float:
+    """This process's CPU time plus its finished children's (inductor runs the C++ compiler as children)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def mechanism(mode: str, preset: str, cache_dir: str, artifacts: str) -> dict[str, float]:
@@ -139,29 +163,38 @@ def main() -> None:
         return
 
     results: dict[str, object] = {"machine": f"{platform.machine()} {os.cpu_count()} CPUs (shared)",
-                                  "python": platform.python_version()}
-    rows: list[tuple[str, str, float, str]] = []
-    floor = median([timed([sys.executable, "-c", FLOOR]) for _ in range(args.repeats)])
-    report(rows, ("floor", "import torch + ZImagePipeline", floor, ""))
-    imports = median([timed([sys.executable, "-c", SERVER_IMPORTS]) for _ in range(args.repeats)])
-    report(rows, ("import", "server modules", imports, f"floor +{imports - floor:.1f} s"))
+                                  "python": platform.python_version(), "load_average_before": os.getloadavg()}
+    rows: list[Row] = []
+
+    def med(samples: list[tuple[float, ...]]) -> tuple[float, ...]:
+        return tuple(median([sample[i] for sample in samples]) for i in range(len(samples[0])))
+
+    floor, floor_cpu = med([timed([sys.executable, "-c", FLOOR]) for _ in range(args.repeats)])
+    report(rows, ("floor", "import torch + ZImagePipeline", floor, floor_cpu, ""))
+    imports, imports_cpu = med([timed([sys.executable, "-c", SERVER_IMPORTS]) for _ in range(args.repeats)])
+    report(rows, ("import", "server modules", imports, imports_cpu, f"floor {imports_cpu - floor_cpu:+.1f} CPU s"))
     for preset in args.presets.split(","):
-        eager = median([until_serving(["--model", preset])[0] for _ in range(args.repeats)])
-        report(rows, (preset, "eager", eager, f"floor +{eager - floor:.1f} s"))
+        eager, eager_cpu = med([until_serving(["--model", preset])[:2] for _ in range(args.repeats)])
+        report(rows, (preset, "eager", eager, eager_cpu, f"floor {eager_cpu - floor_cpu:+.1f} CPU s"))
         with tempfile.TemporaryDirectory() as cache:
-            cold, cold_line = until_serving(["--model", preset, "--compile", "--compile-cache-dir", cache])
-            report(rows, (preset, "--compile, cold cache", cold, cold_line.split(" in ")[0]))
-            warm, warm_line = until_serving(["--model", preset, "--compile", "--compile-cache-dir", cache])
-            report(rows, (preset, "--compile, warm cache", warm,
-                          f"{warm / cold:.0%} of cold; {warm_line.split(' in ')[0]}"))
-    results["rows"] = [dict(preset=p, setup=s, seconds=round(t, 2), note=n) for p, s, t, n in rows]
+            cold, cold_cpu, cold_line = until_serving(["--model", preset, "--compile", "--compile-cache-dir", cache])
+            report(rows, (preset, "--compile, cold cache", cold, cold_cpu, cold_line.split(" in ")[0]))
+            warm, warm_cpu, warm_line = until_serving(["--model", preset, "--compile", "--compile-cache-dir", cache])
+            report(rows, (preset, "--compile, warm cache", warm, warm_cpu,
+                          f"{warm / cold:.0%} of cold (wall), {warm_cpu / cold_cpu:.0%} (CPU); "
+                          f"{warm_line.split(' in ')[0]}"))
+    results["rows"] = [dict(preset=p, setup=s, wall_s=round(w, 2), cpu_s=round(c, 2), note=n)
+                       for p, s, w, c, n in rows]
+    results["load_average_after"] = os.getloadavg()
     if not args.no_mechanisms:
         mech = measure_mechanisms("tiny")
         results["mechanisms_tiny"] = mech
-        print("\ncompile + pre-warm of the tiny transformer in a fresh process (s):")
+        print("\ncompile + pre-warm of the tiny transformer in a fresh process:\n")
+        print("| cache | wall s | CPU s | graphs from cache |\n|---|---|---|---|")
         for name in ("cold", "inductor_cache_dir", "cache_artifacts"):
-            print(f"  {name:<20} {mech[name]['seconds']:>6.1f}  cache hits {mech[name]['cache_hits']}")
-        print(f"  artifacts file: {mech['artifacts_bytes'] / 1024:.0f} KiB")
+            m = mech[name]
+            print(f"| {name} | {m['seconds']:.1f} | {m['cpu_s']:.1f} | {m['cache_hits']} |")
+        print(f"\nartifacts file: {mech['artifacts_bytes'] / 1024:.0f} KiB")
     pathlib.Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {args.out}")
 
