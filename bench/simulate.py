@@ -1,26 +1,28 @@
 """Issue 19: a discrete-event simulator of the scheduler on a fake clock, driving the real policy code.
 
 What it simulates: one engine (one accelerator, one engine thread) serving a trace of arrivals. Time only
-moves by the cost model: a text encode, a forward of a given shape, a decode. Between those, the policy
-decides what runs next, exactly where the server's scheduler loop decides (see ``Policy`` below): the step
-policies' ordering is ``zimage_server.scheduler.step_policies.order_running``, the same function the server
-calls; admission and batch forming follow ``scheduler/core.py`` rule for rule, and requests are the
-server's own ``GenerationRequest`` / ``RequestState`` objects.
+moves by the cost model: a text encode, a forward of a given shape, a decode. Between those, the server's
+own policy decides what runs next (``zimage_server.scheduler.policy``: ``make_policy(config).plan(now,
+waiting, running, context)``, the pure function the scheduler loop calls), with the server's own estimates
+(``scheduler/estimates.py``) and request objects (``GenerationRequest``, ``RequestState``); the loop here
+plays the part of scheduler/core.py ``_loop``: admit (text encode), then one forward, then decode the
+requests that finished. What is not simulated: cancellation, deadlines, failures, previews, the OOM cap,
+and the event loop's own latency (a fixed ``scheduler_overhead_s`` per forward stands for it).
 
 Cost model (``CostModel``, JSON under ``bench/results/cost-*.json``): a forward of samples with image tokens
 ``t_i`` costs ``max(floor, base + per_sample * n + per_token * T * n + per_token_sq * T^2 * n / 1e3)``, every
-sample padded to ``T = max t_i`` when resolutions mix (``mix_padded``; a packed forward would cost the sum) — and CFG counts a request twice; a text encode ``base + per_prompt * p``; a
-decode ``base + per_token * tokens`` per same-size group; the output PNG ``per_token * tokens`` per image,
+sample padded to ``T = max t_i`` when resolutions mix (``mix_padded``; false: a packed, padding-free forward
+that costs the sum); CFG counts a request twice; a text encode ``base + per_prompt * p``; a decode ``base + per_token * tokens`` per same-size group; the output PNG ``per_token * tokens`` per image,
 off the engine thread (adds latency, not engine time). ``bench/fit_cost_model.py`` fits the CPU ones here;
 the GPU ones are derived from published timings, with their sources in the JSON.
 
-Traces: ``poisson`` (the loadgen's own arrivals and sizes when ``--loadgen-trace``), ``bursts``
+Traces: ``poisson``, ``loadgen`` (the very arrivals and sizes ``bench/loadgen.py --mode open`` sends), ``bursts``
 (Poisson bursts of ``--burst-size`` requests), ``diurnal`` (a sinusoidal rate, thinning); sizes drawn
 from ``--sizes`` (uniform, or ``--size-weights``); ``--img2img-fraction`` of requests start at a later
 step (strength drawn from 0.3-0.9, so they run ``ceil(steps * strength)`` steps).
 
     python bench/simulate.py --cost bench/results/cost-cpu-bench.json --rates 0.25,0.4 --requests 400
-    python bench/simulate.py --cost bench/results/cost-gpu-h200-qwen-image.json --loads 0.5,0.7,0.9
+    python bench/simulate.py --cost bench/results/cost-gpu-h200-qwen-image.json --loads 0.5,0.7,0.9 --max-batch-size 16
     python bench/simulate.py --cost bench/results/cost-gpu-h200-qwen-image.json --capacity --p99-target-s 10
 
 Prints a markdown table (p50/p95/p99, throughput, mean batch per policy and load) and writes
@@ -30,7 +32,6 @@ Prints a markdown table (p50/p95/p99, throughput, mean batch per policy and load
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import math
@@ -39,15 +40,18 @@ import random
 import sys
 from collections.abc import Sequence
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
+from zimage_server.config import SchedulerConfig
+from zimage_server.scheduler.estimates import Estimates
+from zimage_server.scheduler.policy import Context, Plan, Running, StepOrder, Waiting
+from zimage_server.scheduler.policy import make_policy as make_server_policy
 from zimage_server.scheduler.state import RequestState
-from zimage_server.scheduler.step_policies import StepPolicy, order_running
-from zimage_server.types import BatchKey, GenerationRequest, ImageFormat
+from zimage_server.types import GenerationRequest, ImageFormat
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-POLICIES = ("request", *(p.value for p in StepPolicy))
+POLICIES = ("request", *(p.value for p in StepOrder))
 
 
 # ---------------------------------------------------------------------- traces
@@ -204,214 +208,62 @@ class Decision:
     forward: list[RequestState]
 
 
-class Policy(Protocol):
-    """The scheduler's decision, as a pure function of the clock, the queue and the running set.
-
-    Returns a Decision, or the seconds to wait before asking again (``math.inf``: until an arrival).
-    ``observe_forward`` feeds back what a forward cost (the server's step-time estimates).
-    """
-
-    name: str
-
-    def decide(self, now: float, waiting: list[RequestState], running: list[RequestState]) -> Decision | float: ...
-
-    def observe_arrival(self, now: float) -> None: ...
-
-    def observe_forward(self, states: Sequence[RequestState], seconds: float, tick: int) -> None: ...
-
-    def observe_done(self, state: RequestState, overhead_s: float) -> None: ...
-
-
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class SchedulerKnobs:
-    """The server flags the policies read (scheduler/config.py SchedulerConfig)."""
+    """The server flags the simulation varies; the rest are SchedulerConfig's defaults."""
 
     max_batch_size: int = 8
     max_queue_delay_ms: float = 10.0
     priority_aging_s: float = 10.0
     max_tokens_per_step: int = 0
     mix_resolutions: str = "auto"
-    slo_factor: float = 3.0
-    admit_per_group: bool = False
+    slo_factor: float = 4.0
+
+    def config(self, policy: str) -> SchedulerConfig:
+        """The server's configuration for ``policy`` ("request", or a step order)."""
+        step = policy != "request"
+        return SchedulerConfig(
+            batching="step" if step else "request", step_policy=policy if step else "interleave",
+            max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms,
+            priority_aging_s=self.priority_aging_s, max_tokens_per_step=self.max_tokens_per_step,
+            mix_resolutions=self.mix_resolutions, slo_factor=self.slo_factor,
+        )
 
 
-class _Estimates:
-    """The server's running estimates: EMA of seconds per forward by tokens, of encode+decode, of arrival gaps."""
+class ServerPolicy:
+    """The server's own policy (scheduler/policy.py ``make_policy(config).plan``) with the server's own
+    estimates (scheduler/estimates.py), fed the same views core.py ``Scheduler.plan`` builds."""
 
-    def __init__(self, default_step_s: float, default_tokens: int):
-        self.step_s: dict[int, float] = {}
-        self.default_step_s = default_step_s
-        self.default_tokens = default_tokens
-        self.overhead_s = 0.0
-        self.last_arrival: float | None = None
-        self.arrival_gap_s: float | None = None
-        self.ticks: dict[int, int] = {}
-
-    def step_for(self, state: RequestState) -> float:
-        tokens = state.request.key().tokens
-        if tokens in self.step_s:
-            return self.step_s[tokens]
-        return self.default_step_s * tokens / self.default_tokens  # unmeasured: scale by tokens
-
-    def arrival(self, now: float) -> None:
-        if self.last_arrival is not None:
-            gap = now - self.last_arrival
-            self.arrival_gap_s = gap if self.arrival_gap_s is None else 0.7 * self.arrival_gap_s + 0.3 * gap
-        self.last_arrival = now
-
-    def forward(self, states: Sequence[RequestState], seconds: float, tick: int) -> None:
-        tokens = max(s.request.key().tokens for s in states)
-        prev = self.step_s.get(tokens)
-        self.step_s[tokens] = seconds if prev is None else 0.8 * prev + 0.2 * seconds
-        for s in states:
-            self.ticks[s.seq] = tick
-
-    def done(self, overhead: float) -> None:
-        self.overhead_s = overhead if self.overhead_s == 0 else 0.8 * self.overhead_s + 0.2 * overhead
-
-
-def _ordered_queue(waiting: list[RequestState], now: float, aging_s: float) -> list[RequestState]:
-    return sorted(waiting, key=lambda s: (-s.effective_priority(now, aging_s), s.seq))
-
-
-def _within_cap(states: list[RequestState], cap: int) -> list[RequestState]:
-    chosen: list[RequestState] = []
-    images = 0
-    for state in states:
-        if chosen and images + state.images > cap:
-            continue
-        chosen.append(state)
-        images += state.images
-    return chosen
-
-
-class RequestModePolicy:
-    """``--batching request``: scheduler/core.py ``_form_request_batch`` + the whole batch in every forward."""
-
-    name = "request"
-
-    def __init__(self, knobs: SchedulerKnobs, estimates: _Estimates):
-        self.knobs = knobs
-        self.est = estimates
-
-    def decide(self, now: float, waiting: list[RequestState], running: list[RequestState]) -> Decision | float:
-        if running:
-            ordered = sorted(running, key=lambda s: (self.est.ticks.get(s.seq, 0), -s.request.priority, s.seq))
-            return Decision([], _within_cap(ordered, self.knobs.max_batch_size))
-        if not waiting:
-            return math.inf
-        cap = self.knobs.max_batch_size
-        ordered = _ordered_queue(waiting, now, self.knobs.priority_aging_s)
-        head = ordered[0]
-        key = head.request.key()
-        batch: list[RequestState] = []
-        images = 0
-        for state in ordered:
-            if state.request.key() != key or (batch and images + state.images > cap):
-                continue
-            batch.append(state)
-            images += state.images
-        wait_left = head.arrival + self.knobs.max_queue_delay_ms / 1000.0 - now
-        company = self.est.arrival_gap_s is None or self.est.arrival_gap_s < 4 * wait_left
-        if images >= cap or wait_left <= 1e-12 or not company:
-            return Decision(batch, [])
-        return wait_left
-
-    def observe_arrival(self, now: float) -> None:
-        self.est.arrival(now)
-
-    def observe_forward(self, states: Sequence[RequestState], seconds: float, tick: int) -> None:
-        self.est.forward(states, seconds, tick)
-
-    def observe_done(self, state: RequestState, overhead_s: float) -> None:
-        self.est.done(overhead_s)
-
-
-class StepModePolicy:
-    """``--batching step --step-policy P``: core.py ``_select_step_admissions`` + ``_plan_forward``."""
-
-    def __init__(self, policy: StepPolicy, knobs: SchedulerKnobs, estimates: _Estimates, mix_table: dict[frozenset[int], bool]):
-        self.policy = policy
-        self.name = policy.value
-        self.knobs = knobs
-        self.est = estimates
+    def __init__(self, name: str, config: SchedulerConfig, mix_table: dict[frozenset[int], bool], default_step_s: float):
+        self.name = name
+        self.config = config
+        self.policy = make_server_policy(config)
+        self.estimates = Estimates(default_step_s)
         self.mix_table = mix_table
 
     def decide(self, now: float, waiting: list[RequestState], running: list[RequestState]) -> Decision | float:
-        cap = self.knobs.max_batch_size
-        admitted: list[RequestState] = []
-        if self.knobs.admit_per_group:
-            # The cap bounds each group (each forward), not the running set: a 512² group's requests do not
-            # take the places of 256² ones, so every group can fill its forwards. The head still goes first.
-            group_images: dict[BatchKey, int] = {}
-            for state in running:
-                key = state.request.key(with_steps=False)
-                group_images[key] = group_images.get(key, 0) + state.images
-            for state in _ordered_queue(waiting, now, self.knobs.priority_aging_s):
-                key = state.request.key(with_steps=False)
-                held = group_images.get(key, 0)
-                if held + state.images > cap and held:
-                    break
-                admitted.append(state)
-                group_images[key] = held + state.images
-        else:
-            running_images = sum(s.images for s in running)
-            for state in _ordered_queue(waiting, now, self.knobs.priority_aging_s):
-                if running_images + state.images > cap and (running_images or admitted):
-                    break
-                admitted.append(state)
-                running_images += state.images
-        candidates = running + admitted  # the admitted ones run from this forward on (core.py admits, then steps)
-        if not candidates:
-            return math.inf
-        return Decision(admitted, self.plan_forward(now, candidates))
-
-    def plan_forward(self, now: float, running: list[RequestState]) -> list[RequestState]:
-        ordered = order_running(self.policy, running, now, last_tick=lambda s: self.est.ticks.get(s.seq, 0),
-                                step_s=self.est.step_for, overhead_s=self.est.overhead_s,
-                                slo_factor=self.knobs.slo_factor)
-        first_key = ordered[0].request.key(with_steps=False)
-        groups: dict[BatchKey, list[RequestState]] = {}
-        for state in ordered:
-            groups.setdefault(state.request.key(with_steps=False), []).append(state)
-        mix = self._should_mix([k for k in groups if k.loras == first_key.loras])
-        candidates = list(groups[first_key])
-        if mix:
-            for key, members in groups.items():
-                if key != first_key and key.loras == first_key.loras:
-                    candidates.extend(members)
-        budget = self.knobs.max_tokens_per_step
-        chosen: list[RequestState] = []
-        for state in candidates:
-            trial = chosen + [state]
-            if chosen and budget and _forward_tokens(trial, padded=mix) > budget:
-                continue
-            chosen.append(state)
-        return _within_cap(chosen, self.knobs.max_batch_size)
-
-    def _should_mix(self, keys: list[BatchKey]) -> bool:
-        if len(keys) < 2 or self.knobs.mix_resolutions == "never":
-            return False
-        if self.knobs.mix_resolutions == "always":
-            return True
-        tokens = frozenset(k.tokens for k in keys)
-        if tokens in self.mix_table:
-            return self.mix_table[tokens]
-        return len(tokens) == 1
+        est = self.estimates
+        views_w = [Waiting(s, s.request, s.seq, s.arrival, s.deadline, est.service_s(s.request)) for s in waiting]
+        views_r = [Running(s, s.request, s.seq, s.last_tick, s.arrival,
+                           max((sl.total_steps - sl.step_index for sl in s.slots), default=0)) for s in running]
+        context = Context(cap_images=self.config.max_batch_size, arrival_gap_s=est.arrival_gap_s,
+                          mix_table=self.mix_table, step_s=est.step_s, default_step_s=est.default_step_s,
+                          overhead_s=est.overhead_s)
+        plan = self.policy.plan(now, views_w, views_r, context)
+        if isinstance(plan, Plan):
+            return Decision(list(plan.admit), list(plan.forward))
+        return plan
 
     def observe_arrival(self, now: float) -> None:
-        self.est.arrival(now)
+        self.estimates.record_arrival(now)
 
     def observe_forward(self, states: Sequence[RequestState], seconds: float, tick: int) -> None:
-        self.est.forward(states, seconds, tick)
+        self.estimates.record_step(max(s.request.key().tokens for s in states), seconds)
+        for s in states:
+            s.last_tick = tick
 
     def observe_done(self, state: RequestState, overhead_s: float) -> None:
-        self.est.done(overhead_s)
-
-
-def _forward_tokens(states: list[RequestState], padded: bool) -> int:
-    per_sample = [s.request.key().tokens for s in states for _ in range(s.images)]
-    return max(per_sample) * len(per_sample) if padded else sum(per_sample)
+        self.estimates.record_overhead(overhead_s)
 
 
 def mix_table_for(cost: CostModel, sizes: Sequence[tuple[int, int]]) -> dict[frozenset[int], bool]:
@@ -424,13 +276,13 @@ def mix_table_for(cost: CostModel, sizes: Sequence[tuple[int, int]]) -> dict[fro
     return table
 
 
-def make_policy(name: str, cost: CostModel, knobs: SchedulerKnobs, sizes: Sequence[tuple[int, int]]) -> Policy:
-    """A fresh policy with the estimates the server has after its warm-up (one step at the first size)."""
+def make_policy(name: str, cost: CostModel, knobs: SchedulerKnobs, sizes: Sequence[tuple[int, int]]) -> ServerPolicy:
+    """The server's policy ``name`` with what the server knows after its warm-up (one step at the first size,
+    the mixing table in step mode)."""
     first = (sizes[0][0] // 16) * (sizes[0][1] // 16)
-    est = _Estimates(cost.forward_s([first]), first)
-    if name == "request":
-        return RequestModePolicy(knobs, est)
-    return StepModePolicy(StepPolicy(name), knobs, est, mix_table_for(cost, sizes))
+    config = knobs.config(name)
+    table = mix_table_for(cost, sizes) if name != "request" else {}
+    return ServerPolicy(name, config, table, cost.forward_s([first]))
 
 
 # ---------------------------------------------------------------------- the event loop
@@ -492,7 +344,7 @@ class SimRun:
     forward_images: list[int]
 
 
-def simulate(trace: Sequence[Arrival], policy: Policy, cost: CostModel) -> SimRun:
+def simulate(trace: Sequence[Arrival], policy: ServerPolicy, cost: CostModel) -> SimRun:
     """Run ``trace`` through ``policy`` on one engine whose operations cost what ``cost`` says.
 
     The loop mirrors scheduler/core.py ``_loop``: at each decision point the policy sees the queue and the
@@ -512,14 +364,12 @@ def simulate(trace: Sequence[Arrival], policy: Policy, cost: CostModel) -> SimRu
     now = 0.0
     nxt = 0
     tick = 0
-    channel: asyncio.Queue[Any] = asyncio.Queue()  # RequestState wants one; nothing reads it here
-
     def deliver(until: float) -> None:
         nonlocal nxt
         while nxt < len(pending) and pending[nxt].time_s <= until:
             a = pending[nxt]
             arrivals[a.index] = a
-            queue.append(RequestState(request=_request(a), seq=a.index, arrival=a.time_s, deadline=None, channel=channel))
+            queue.append(RequestState(request=_request(a), seq=a.index, arrival=a.time_s, deadline=None))
             policy.observe_arrival(a.time_s)
             nxt += 1
 
@@ -544,7 +394,7 @@ def simulate(trace: Sequence[Arrival], policy: Policy, cost: CostModel) -> SimRu
             now += encode_s
             group = sum(s.images for s in running) + sum(s.images for s in decision.admit)
             for s in decision.admit:
-                batch_of[s.seq] = group if isinstance(policy, StepModePolicy) else sum(x.images for x in decision.admit)
+                batch_of[s.seq] = group if policy.config.batching == "step" else sum(x.images for x in decision.admit)
             running.extend(decision.admit)
         if not decision.forward:
             continue
@@ -650,8 +500,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-queue-delay-ms", type=float, default=10.0)
     p.add_argument("--max-tokens-per-step", type=int, default=0)
     p.add_argument("--mix-resolutions", choices=("auto", "always", "never"), default="auto")
-    p.add_argument("--slo-factor", type=float, default=3.0, help="fair policy: latency target = factor x solo time")
-    p.add_argument("--admit-per-group", action="store_true", help="step mode: the cap bounds each group, not the running set")
+    p.add_argument("--slo-factor", type=float, default=4.0, help="fair policy: latency target = factor x solo time")
     p.add_argument("--capacity", action="store_true", help="max rate per replica at --p99-target-s, and replicas")
     p.add_argument("--p99-target-s", type=_floats, default=[10.0])
     p.add_argument("--target-rate", type=float, default=10.0, help="capacity: replicas for this many req/s")
@@ -690,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     knobs = SchedulerKnobs(max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
                            max_tokens_per_step=args.max_tokens_per_step, mix_resolutions=args.mix_resolutions,
-                           slo_factor=args.slo_factor, admit_per_group=args.admit_per_group)
+                           slo_factor=args.slo_factor)
     costs = [CostModel.load(pathlib.Path(c)) for c in args.cost.split(",") if c.strip()]
     results: list[SimResult] = []
     capacity: list[dict[str, Any]] = []

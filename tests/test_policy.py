@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -13,6 +14,7 @@ from zimage_server.scheduler.policy import (
     RequestModePolicy,
     Running,
     StepModePolicy,
+    StepOrder,
     Waiting,
     make_policy,
 )
@@ -40,8 +42,11 @@ def request_policy(**kw) -> RequestModePolicy:
     return RequestModePolicy(SchedulerConfig(batching="request", **kw))
 
 
-def step_policy(**kw) -> StepModePolicy:
-    return StepModePolicy(SchedulerConfig(batching="step", **kw))
+def step_policy(order: str = "interleave", **kw) -> StepModePolicy:
+    return StepModePolicy(SchedulerConfig(batching="step", step_policy=order, **kw))
+
+
+ORDERS = [o.value for o in StepOrder]  # every step order must pass the step-mode contracts below
 
 
 CTX = Context(cap_images=4)
@@ -100,13 +105,17 @@ def test_request_mode_runs_a_batch_to_the_end_without_admitting():
 
 
 # ---------------------------------------------------------------------------- step mode
-def test_step_mode_joins_newcomers_at_the_next_step_and_steps_them_with_the_running():
-    plan = step_policy().plan(1.0, [waiting("new", seq=1)], [running("old", 7)], CTX)
-    assert plan == Plan(admit=("new",), forward=("new", "old"))  # least recently stepped first
+@pytest.mark.parametrize("order", ORDERS)
+def test_step_mode_joins_newcomers_at_the_next_step_and_steps_them_with_the_running(order):
+    plan = step_policy(order).plan(1.0, [waiting("new", seq=1)], [running("old", 7)], CTX)
+    assert plan.admit == ("new",) and set(plan.forward) == {"new", "old"}
+    if order == "interleave":
+        assert plan.forward == ("new", "old")  # least recently stepped first
 
 
-def test_step_mode_forward_leaves_out_requests_that_left():
-    policy = step_policy()
+@pytest.mark.parametrize("order", ORDERS)
+def test_step_mode_forward_leaves_out_requests_that_left(order):
+    policy = step_policy(order)
     assert policy.plan(1.0, [], [running("a", 3), running("b", 3, seq=1)], CTX).forward == ("a", "b")
     assert policy.plan(1.0, [], [running("b", 4, seq=1)], CTX).forward == ("b",)
     assert policy.plan(1.0, [], [], CTX) == math.inf
@@ -126,18 +135,20 @@ def test_step_mode_interleaves_resolutions_it_does_not_mix():
     assert auto.plan(0.0, [], [small, big], CTX).forward == ("big",)
 
 
-def test_step_mode_respects_the_token_budget():
+@pytest.mark.parametrize("order", ORDERS)
+def test_step_mode_respects_the_token_budget(order):
     # 64x64 is 16 tokens per image; a budget of 40 holds two such images, not three.
-    policy = step_policy(max_tokens_per_step=40)
+    policy = step_policy(order, max_tokens_per_step=40)
     plan = policy.plan(0.0, [], [running("a", 1), running("b", 1, seq=1), running("c", 1, seq=2)], CTX)
     assert plan.forward == ("a", "b")
     # Padded when mixed: 32 + 16 tokens pads to 2 x 32 = 64 > 60, so the big one goes alone first.
-    mixed = step_policy(max_tokens_per_step=60, mix_resolutions="always")
+    mixed = step_policy(order, max_tokens_per_step=60, mix_resolutions="always")
     assert mixed.plan(0.0, [], [running("big", 1, w=128), running("small", 2, seq=1)], CTX).forward == ("big",)
 
 
-def test_step_mode_never_lets_a_smaller_request_overtake_the_head():
-    policy = step_policy()
+@pytest.mark.parametrize("order", ORDERS)
+def test_step_mode_never_lets_a_smaller_request_overtake_the_head(order):
+    policy = step_policy(order)
     queue = [waiting("head", seq=1, n=2), waiting("small", seq=2, n=1)]
     # 3 of 4 images run: the head (2 images) does not fit, so nothing is admitted, not even "small".
     plan = policy.plan(0.0, queue, [running("r", 1, n=3)], CTX)
@@ -147,8 +158,9 @@ def test_step_mode_never_lets_a_smaller_request_overtake_the_head():
     assert big.admit == ("huge",)
 
 
-def test_step_mode_orders_admissions_by_aged_priority():
-    policy = step_policy(priority_aging_s=10.0)
+@pytest.mark.parametrize("order", ORDERS)
+def test_step_mode_orders_admissions_by_aged_priority(order):
+    policy = step_policy(order, priority_aging_s=10.0)
     queue = [waiting("old-low", arrival=0.0, seq=0, priority=-3), waiting("new-high", arrival=39.0, seq=1, priority=1)]
     # At t=40 old-low has aged to -3 + 4 = 1.0 and new-high to 1.1: new-high first.
     assert policy.plan(40.0, queue, [], Context(cap_images=1)).admit == ("new-high",)
@@ -157,10 +169,47 @@ def test_step_mode_orders_admissions_by_aged_priority():
     assert policy.plan(70.0, tie, [], Context(cap_images=1)).admit == ("old-low",)
 
 
-def test_cfg_images_count_twice_against_a_sample_cap():
-    policy = step_policy()
+@pytest.mark.parametrize("order", ORDERS)
+def test_cfg_images_count_twice_against_a_sample_cap(order):
+    policy = step_policy(order)
     capped = Context(cap_images=4, cap_samples=2)
     cfg = [running("c1", 1, guidance=4.0), running("c2", 1, seq=1, guidance=4.0)]
     assert policy.plan(0.0, [], cfg, capped).forward == ("c1",)
     plain = [running("p1", 1), running("p2", 1, seq=1)]
     assert policy.plan(0.0, [], plain, capped).forward == ("p1", "p2")
+
+
+# ---------------------------------------------------------------------------- step orders (issue 19)
+def test_age_order_keeps_the_oldest_requests_group_going():
+    # "old" (64x64) stepped last; interleave would hand the forward to the 128x64 group, age keeps "old" leading.
+    old, big = running("old", 5, seq=0), running("big", 4, seq=1, w=128)
+    assert step_policy("interleave", mix_resolutions="never").plan(0.0, [], [old, big], CTX).forward == ("big",)
+    assert step_policy("age", mix_resolutions="never").plan(0.0, [], [old, big], CTX).forward == ("old",)
+    # A newcomer of the oldest request's group still joins its forward.
+    plan = step_policy("age", mix_resolutions="never").plan(0.0, [waiting("new", seq=2)], [old, big], CTX)
+    assert plan == Plan(admit=("new",), forward=("old", "new"))
+
+
+def test_fair_order_runs_the_shortest_remaining_unless_a_request_is_about_to_miss_its_target():
+    # 0.1 s per forward for both sizes, no overhead; slo_factor 4 -> target = arrival + 4 x steps x 0.1.
+    timing = Context(cap_images=4, step_s={16: 0.1, 32: 0.1})
+    long = Running("long", req("long", w=128, steps=8), 0, last_tick=1, arrival=0.0, steps_left=6)
+    short = Running("short", req("short", steps=4), 1, last_tick=2, arrival=2.0, steps_left=2)
+    policy = step_policy("fair", mix_resolutions="never", slo_factor=4.0)
+    # At t=2.2 both have slack (long: 3.2 - 2.2 - 0.6 = 0.4; short: 3.6 - 2.2 - 0.2 = 1.2): the shortest
+    # remaining (short, 0.2 s) leads.
+    assert policy.plan(2.2, [], [long, short], timing).forward == ("short",)
+    # At t=2.7 long's slack is 3.2 - 2.7 - 0.6 < 0 (short's still 0.7): long is about to miss its target and leads.
+    assert policy.plan(2.7, [], [long, short], timing).forward == ("long",)
+    # Priority still comes first.
+    urgent = dataclasses.replace(short, request=req("short", steps=4, priority=1))
+    assert policy.plan(2.7, [], [long, urgent], timing).forward == ("short",)
+
+
+def test_step_policy_flag_is_validated():
+    from zimage_server.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--step-policy"):
+        SchedulerConfig(step_policy="lottery").validate()
+    with pytest.raises(ConfigError, match="--slo-factor"):
+        SchedulerConfig(slo_factor=0.5).validate()

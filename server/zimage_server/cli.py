@@ -73,6 +73,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("--priority-aging-s", "scheduler", "priority_aging_s", "float", "seconds of waiting worth one priority level"),
     Option("--max-tokens-per-step", "scheduler", "max_tokens_per_step", "int", "step mode: image tokens per forward (0: no limit)"),
     Option("--mix-resolutions", "scheduler", "mix_resolutions", "str", "step mode: auto | always | never"),
+    Option("--step-policy", "scheduler", "step_policy", "str", "step mode: interleave | age | fair (lead of each forward)"),
+    Option("--slo-factor", "scheduler", "slo_factor", "float", "fair step policy: latency target = factor x service time alone"),
     Option("--host", "server", "host", "str", "gRPC bind address"),
     Option("--port", "server", "port", "int", "gRPC port"),
     Option("--metrics-host", "server", "metrics_host", "str",

@@ -79,6 +79,8 @@ class SchedulerConfig:
     priority_aging_s: float = 10.0
     max_tokens_per_step: int = 0  # 0: no token budget
     mix_resolutions: str = "auto"  # auto | always | never
+    step_policy: str = "interleave"  # interleave | age | fair: which request leads each step-mode forward
+    slo_factor: float = 4.0  # fair step policy: latency target = this x the request's service time alone
 
     def validate(self) -> None:
         if self.batching not in ("request", "step"):
@@ -98,6 +100,10 @@ class SchedulerConfig:
             raise ConfigError("--default-timeout-ms must be > 0")
         if self.priority_aging_s <= 0:
             raise ConfigError("--priority-aging-s must be > 0")
+        if self.step_policy not in ("interleave", "age", "fair"):
+            raise ConfigError(f"--step-policy must be interleave, age or fair (got {self.step_policy!r})")
+        if self.slo_factor < 1:
+            raise ConfigError("--slo-factor must be >= 1 (a target shorter than the service time alone is always missed)")
         if self.mix_resolutions not in ("auto", "always", "never"):
             raise ConfigError("--mix-resolutions must be auto, always or never")
 

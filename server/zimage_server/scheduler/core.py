@@ -212,9 +212,13 @@ class Scheduler:
         now = self._clock()
         waiting = [Waiting(s, s.request, s.seq, s.arrival, s.deadline, self.estimate_service_s(s.request))
                    for s in self.queue]
-        running = [Running(s, s.request, s.seq, s.last_tick) for s in self._running]
+        running = [Running(s, s.request, s.seq, s.last_tick, s.arrival,
+                           max((sl.total_steps - sl.step_index for sl in s.slots), default=0)) for s in self._running]
+        # Step times by size for the fair step order; a size not stepped yet is estimated by the warm-up's step.
         context = Context(cap_images=self.config.max_batch_size, cap_samples=self.executor.cap_samples,
-                          arrival_gap_s=self.estimates.arrival_gap_s, mix_table=self.mix_table)
+                          arrival_gap_s=self.estimates.arrival_gap_s, mix_table=self.mix_table,
+                          step_s=self.estimates.step_s, default_step_s=self.estimates.default_step_s,
+                          overhead_s=self.estimates.overhead_s)
         return self.policy.plan(now, waiting, running, context)
 
     async def _loop(self) -> None:

@@ -17,9 +17,15 @@ One class per ``BatchingMode``:
 - ``StepModePolicy`` (continuous batching): waiting requests join at every step boundary in priority
   order while their images fit the cap; the head of the queue is never overtaken by a smaller
   request behind it (so large requests cannot starve); a request larger than the cap runs once
-  nothing else does. Each forward takes the least recently stepped request's group (same
-  ``compat_key`` without steps), plus the other groups when mixing resolutions pays (mix policy,
-  measured table), within ``max_tokens_per_step``.
+  nothing else does. Each forward takes the *lead* request's group (same ``compat_key`` without
+  steps), plus the other groups when mixing resolutions pays (mix policy, measured table), within
+  ``max_tokens_per_step``. The lead is chosen by the step order (``--step-policy``, ``StepOrder``):
+  ``interleave`` the least recently stepped request (groups take turns step by step: processor
+  sharing); ``age`` the oldest (a group runs until its oldest request is done, newcomers still join
+  its forwards); ``fair`` least slack first: each request's latency target is ``slo_factor`` times
+  its own service time alone (targets weighted by size, i.e. weighted fair queueing across
+  resolution buckets), a request that is about to miss its target leads (least slack first),
+  otherwise the one with the least estimated work left (shortest remaining first).
 
 In both modes a forward holds at most ``context.cap_images`` images and ``context.cap_samples``
 transformer samples (a CFG image is two samples), so after an out-of-memory error lowers the cap
@@ -32,7 +38,7 @@ import abc
 import dataclasses
 import enum
 import math
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 from ..config import SchedulerConfig
 from ..types import BatchKey, GenerationRequest
@@ -43,6 +49,14 @@ class BatchingMode(enum.Enum):
 
     REQUEST = "request"
     STEP = "step"
+
+
+class StepOrder(enum.Enum):
+    """``--step-policy``: which running request leads the next forward in step mode (see the module docstring)."""
+
+    INTERLEAVE = "interleave"
+    AGE = "age"
+    FAIR = "fair"
 
 
 class MixPolicy(enum.Enum):
@@ -77,12 +91,15 @@ class Waiting:
 
 @dataclasses.dataclass(frozen=True)
 class Running:
-    """A running request: ``last_tick`` is the forward counter when it last stepped (0: never)."""
+    """A running request: ``last_tick`` is the forward counter when it last stepped (0: never);
+    ``steps_left`` the denoising steps it still has to run (None: all of them)."""
 
     ref: Hashable
     request: GenerationRequest
     seq: int
     last_tick: int = 0
+    arrival: float = 0.0
+    steps_left: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +110,21 @@ class Context:
     cap_samples: int | None = None  # lowered after out-of-memory; None: no sample cap
     arrival_gap_s: float | None = None  # mean time between arrivals (EMA); None: no history yet
     mix_table: dict[frozenset[int], bool] = dataclasses.field(default_factory=dict)
+    # Step-time estimates for the fair order: seconds per forward by image tokens per sample (measured),
+    # the warm-up's step at ``default_tokens`` (scaled by tokens for unmeasured sizes), encode + decode.
+    step_s: Mapping[int, float] = dataclasses.field(default_factory=dict)
+    default_step_s: float = 0.0
+    default_tokens: int = 0
+    overhead_s: float = 0.0
+
+    def forward_s(self, request: GenerationRequest) -> float:
+        """Estimated seconds of one forward of ``request``'s group (0 when nothing is known)."""
+        tokens = request.key().tokens
+        if tokens in self.step_s:
+            return self.step_s[tokens]
+        if self.default_tokens:
+            return self.default_step_s * tokens / self.default_tokens
+        return self.default_step_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,10 +212,11 @@ class StepModePolicy(Policy):
 
     def plan(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running], context: Context) -> Decision:
         admitted = self.admissions(now, waiting, running, context)
-        candidates = list(running) + [Running(w.ref, w.request, w.seq) for w in admitted]
+        candidates = list(running) + [Running(w.ref, w.request, w.seq, arrival=w.arrival) for w in admitted]
         if not candidates:
             return math.inf
-        return Plan(admit=tuple(w.ref for w in admitted), forward=tuple(r.ref for r in self.forward(candidates, context)))
+        forward = self.forward(candidates, context, now)
+        return Plan(admit=tuple(w.ref for w in admitted), forward=tuple(r.ref for r in forward))
 
     def admissions(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running],
                    context: Context) -> list[Waiting]:
@@ -201,8 +234,8 @@ class StepModePolicy(Policy):
             samples_ += samples(w.request)
         return admitted
 
-    def forward(self, running: Sequence[Running], context: Context) -> list[Running]:
-        ordered = self.by_staleness(running)
+    def forward(self, running: Sequence[Running], context: Context, now: float = 0.0) -> list[Running]:
+        ordered = self.order(now, running, context)
         first_key = compat_key(ordered[0].request, with_steps=False)
         groups: dict[BatchKey, list[Running]] = {}
         for r in ordered:
@@ -222,6 +255,27 @@ class StepModePolicy(Policy):
                 continue
             chosen.append(r)
         return [chosen[i] for i in self.within_cap([r.request for r in chosen], context)]
+
+    def order(self, now: float, running: Sequence[Running], context: Context) -> list[Running]:
+        """``running`` in the step order: the first one leads the next forward."""
+        order = StepOrder(self.config.step_policy)
+        if order is StepOrder.INTERLEAVE:
+            return self.by_staleness(running)
+        if order is StepOrder.AGE:
+            return sorted(running, key=lambda r: (-r.request.priority, r.seq))
+        factor = self.config.slo_factor
+
+        def key(r: Running) -> tuple[int, int, float, int]:
+            per_step = context.forward_s(r.request)
+            left = r.request.steps if r.steps_left is None else r.steps_left
+            remaining_s = left * per_step + context.overhead_s
+            target = r.arrival + factor * (r.request.steps * per_step + context.overhead_s)
+            slack = target - now - remaining_s
+            if slack < 0:  # about to miss (or missed) its latency target: least slack first
+                return (-r.request.priority, 0, slack, r.seq)
+            return (-r.request.priority, 1, remaining_s, r.seq)  # otherwise shortest remaining first
+
+        return sorted(running, key=key)
 
     @staticmethod
     def forward_tokens(requests: Sequence[GenerationRequest], padded: bool) -> int:
