@@ -7,7 +7,9 @@ Setups (``--setups``, run one after the other in one process, on one loaded mode
               does. In-process, no gRPC.
 - ``batch1``  our server, dynamic batching with ``max_batch_size=1``.
 - ``dynamic`` our server, dynamic batching (``--max-batch-size``, ``--max-queue-delay-ms``).
-- ``step``    our server, step-level (continuous) batching with the same batch cap.
+- ``step``    our server, step-level (continuous) batching with the same batch cap (server defaults).
+- ``step-interleave`` / ``step-age`` / ``step-fair``  step mode with that ``--step-policy`` (and
+              ``--max-tokens-per-step``, ``--slo-factor`` as given here).
 - ``remote``  a server that is already running at ``--target`` (no model is loaded here).
 
 ``batch1``/``dynamic``/``step`` start a ZImageServer on 127.0.0.1:0 in this process, sharing the model
@@ -72,7 +74,8 @@ from zimage_server.imaging import encode_image
 from zimage_server.types import GenerationRequest, ImageFormat
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-SERVER_SETUPS = ("batch1", "dynamic", "step")
+STEP_ORDERS = ("interleave", "age", "fair")
+SERVER_SETUPS = ("batch1", "dynamic", "step", *(f"step-{o}" for o in STEP_ORDERS))
 ALL_SETUPS = ("naive", *SERVER_SETUPS, "remote")
 SUBJECTS = (
     "a red fox in fresh snow at dawn", "a lighthouse on a cliff in a storm", "a bowl of ramen on a wooden table",
@@ -569,6 +572,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="RNG seed of sizes, image seeds and arrivals")
     p.add_argument("--max-batch-size", type=int, default=8, help="dynamic and step setups")
     p.add_argument("--max-queue-delay-ms", type=float, default=10.0, help="dynamic setup")
+    p.add_argument("--max-tokens-per-step", type=int, default=0, help="step-<order> setups (0: no limit)")
+    p.add_argument("--slo-factor", type=float, default=4.0, help="step-fair setup")
+    p.add_argument("--order", choices=("setup", "point"), default="setup",
+                   help="setup: each setup runs all its points, then the next; point: setups take turns per point")
     p.add_argument("--max-queue-size", type=int, default=1024, help="server queue (large: measure, not reject)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per-request deadline")
     p.add_argument("--warmup", choices=("setup", "point", "none"), default="setup",
@@ -605,6 +612,9 @@ def server_config(args: argparse.Namespace, setup: str) -> Any:
         "dynamic": SchedulerConfig(batching="request", max_batch_size=args.max_batch_size,
                                    max_queue_delay_ms=args.max_queue_delay_ms),
         "step": SchedulerConfig(batching="step", max_batch_size=args.max_batch_size),
+        **{f"step-{o}": SchedulerConfig(batching="step", max_batch_size=args.max_batch_size, step_policy=o,
+                                        max_tokens_per_step=args.max_tokens_per_step, slo_factor=args.slo_factor)
+           for o in STEP_ORDERS},
     }[setup]
     scheduler = dataclasses.replace(scheduler, max_queue_size=args.max_queue_size,
                                     default_timeout_ms=int(args.timeout_s * 1000))
@@ -641,7 +651,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     startup: dict[str, float] = {}
     served_by: dict[str, dict[str, Any]] = {}
     overhead: Overhead | None = None
-    for setup in args.setups:
+
+    async def open_backend(setup: str) -> Backend:
         if setup == "naive":
             backend: Backend = NaiveBackend(engine)
         elif setup == "remote":
@@ -651,30 +662,49 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         await backend.open()
         startup[setup] = getattr(backend, "startup_s", 0.0)
         served_by[setup] = getattr(backend, "info", {})
+        return backend
+
+    async def run_point(backend: Backend, setup: str, number: int, load: float) -> None:
+        tag = f"{setup}-{load:g}"
+        if args.warmup == "point" or (args.warmup == "setup" and number == 0):
+            for i, (w, h) in enumerate(args.sizes):
+                warm = dataclasses.replace(workload.job(i, f"warm-{tag}"), width=w, height=h)
+                await _one(backend, warm, time.perf_counter(), args.timeout_s)
+        if args.mode == "closed":
+            samples, wall_s = await run_closed(backend, workload, tag, int(load), requests, duration_s,
+                                               args.timeout_s)
+        else:
+            samples, wall_s = await run_open(backend, workload, tag, load, requests, duration_s,
+                                             args.timeout_s)
+        point = summarize(setup, args.mode, load, samples, wall_s)
+        points.append(point)
+        print(f"  {setup:8s} load {load:g}: {point.completed}/{point.sent} ok, "
+              f"{point.throughput_img_s:.2f} img/s, p50 {_fmt(point.latency_p50_s)} s, "
+              f"p99 {_fmt(point.latency_p99_s)} s ({wall_s:.1f} s)", flush=True)
+
+    if args.order == "point":
+        # Every setup's server stays up (idle, sharing the one engine) and the setups take turns at each
+        # load point, so slow drift in the machine's other load falls on all of them alike.
+        backends = {setup: await open_backend(setup) for setup in args.setups}
         try:
             for number, load in enumerate(loads):
-                tag = f"{setup}-{load:g}"
-                if args.warmup == "point" or (args.warmup == "setup" and number == 0):
-                    for i, (w, h) in enumerate(args.sizes):
-                        warm = dataclasses.replace(workload.job(i, f"warm-{tag}"), width=w, height=h)
-                        await _one(backend, warm, time.perf_counter(), args.timeout_s)
-                if args.mode == "closed":
-                    samples, wall_s = await run_closed(backend, workload, tag, int(load), requests, duration_s,
-                                                       args.timeout_s)
-                else:
-                    samples, wall_s = await run_open(backend, workload, tag, load, requests, duration_s,
-                                                     args.timeout_s)
-                point = summarize(setup, args.mode, load, samples, wall_s)
-                points.append(point)
-                print(f"  {setup:8s} load {load:g}: {point.completed}/{point.sent} ok, "
-                      f"{point.throughput_img_s:.2f} img/s, p50 {_fmt(point.latency_p50_s)} s, "
-                      f"p99 {_fmt(point.latency_p99_s)} s ({wall_s:.1f} s)", flush=True)
+                for setup in args.setups:
+                    await run_point(backends[setup], setup, number, load)
+        finally:
+            for backend in backends.values():
+                await backend.close()
+    for setup in args.setups if args.order == "setup" else ():
+        backend = await open_backend(setup)
+        try:
+            for number, load in enumerate(loads):
+                await run_point(backend, setup, number, load)
             if setup == "batch1" and args.overhead_requests > 0:
                 overhead = await measure_overhead(backend, engine, workload, args.overhead_requests, args.timeout_s)
                 print(f"  overhead at c=1: server p50 {overhead.server_p50_s:.3f} s vs engine loop "
                       f"{overhead.engine_p50_s:.3f} s -> {overhead.overhead_p50_pct:+.1f}%", flush=True)
         finally:
             await backend.close()
+    points.sort(key=lambda p: args.setups.index(p.setup))  # the table groups rows by setup either way
 
     sizes_text = ",".join(f"{w}x{h}" for w, h in args.sizes)
     model = args.preset if engine is not None else f"remote {args.target} ({served_by['remote'].get('model_id')})"
@@ -695,6 +725,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             "sizes": [f"{w}x{h}" for w, h in args.sizes], "steps": args.steps, "seed": args.seed,
             "mix": [f"{mode}:{weight:g}" for mode, weight in args.mix],
             "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
+            "max_tokens_per_step": args.max_tokens_per_step, "slo_factor": args.slo_factor, "order": args.order,
             "max_queue_size": args.max_queue_size, "timeout_s": args.timeout_s, "warmup": args.warmup,
             "overhead_requests": args.overhead_requests if "batch1" in args.setups else 0,
         },
