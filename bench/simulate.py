@@ -170,6 +170,12 @@ class CostModel:
             mix_padded=data.get("mix_padded", True),
         )
 
+    def scaled(self, k: float) -> CostModel:
+        """Every cost times ``k`` (a uniformly slower or faster machine)."""
+        fields = {f.name: getattr(self, f.name) * k for f in dataclasses.fields(self)
+                  if f.name not in ("name", "mix_padded")}
+        return dataclasses.replace(self, name=f"{self.name}x{k:g}", **fields)
+
     def forward_s(self, tokens: Sequence[int]) -> float:
         """One transformer forward over samples with these image tokens (CFG: list a request twice)."""
         n = len(tokens)
@@ -500,6 +506,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-queue-delay-ms", type=float, default=10.0)
     p.add_argument("--max-tokens-per-step", type=int, default=0)
     p.add_argument("--mix-resolutions", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--cost-scale", type=float, default=1.0,
+                   help="multiply every cost (e.g. a machine k times slower than the one the model was fitted on)")
+    p.add_argument("--packed", action="store_true",
+                   help="what-if: mixed resolutions share padding-free (packed) forwards that cost the sum of their "
+                        "tokens (the server pads today); use with --mix-resolutions always")
     p.add_argument("--slo-factor", type=float, default=4.0, help="fair policy: latency target = factor x solo time")
     p.add_argument("--capacity", action="store_true", help="max rate per replica at --p99-target-s, and replicas")
     p.add_argument("--p99-target-s", type=_floats, default=[10.0])
@@ -541,6 +552,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                            max_tokens_per_step=args.max_tokens_per_step, mix_resolutions=args.mix_resolutions,
                            slo_factor=args.slo_factor)
     costs = [CostModel.load(pathlib.Path(c)) for c in args.cost.split(",") if c.strip()]
+    if args.cost_scale != 1.0:
+        costs = [c.scaled(args.cost_scale) for c in costs]
+    if args.packed:
+        costs = [dataclasses.replace(c, name=f"{c.name}-packed", mix_padded=False) for c in costs]
     results: list[SimResult] = []
     capacity: list[dict[str, Any]] = []
     for cost in costs:

@@ -267,9 +267,9 @@ class StepModePolicy(Policy):
 
         def key(r: Running) -> tuple[int, int, float, int]:
             per_step = context.forward_s(r.request)
-            left = r.request.steps if r.steps_left is None else r.steps_left
+            left = r.request.run_steps if r.steps_left is None else r.steps_left
             remaining_s = left * per_step + context.overhead_s
-            target = r.arrival + factor * (r.request.steps * per_step + context.overhead_s)
+            target = r.arrival + factor * (r.request.run_steps * per_step + context.overhead_s)
             slack = target - now - remaining_s
             if slack < 0:  # about to miss (or missed) its latency target: least slack first
                 return (-r.request.priority, 0, slack, r.seq)
