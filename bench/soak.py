@@ -11,7 +11,8 @@ then sends ``--requests`` requests from ``--concurrency`` workers, each one of t
 - ``invalid``       a request with one bad field (INVALID_ARGUMENT).
 - ``unknown``       an unknown method with a random name, with or without the token.
 - ``unauth``        a valid request without the token (UNAUTHENTICATED).
-- ``http``          POST /v1/generate, or GET /v1/stream read slowly, or an invalid JSON body (400).
+- ``http``          POST /v1/generate, or GET /v1/stream read slowly, or an invalid or deeply nested JSON
+                    body (400), or a POST from another site's page (403, the origin check).
 
 Checks (exit status 1 when one fails; the test tests/test_soak.py runs it with a small count):
 
@@ -69,13 +70,13 @@ ALLOWED = {
     "invalid": {"INVALID_ARGUMENT"},
     "unknown": {"UNIMPLEMENTED", "UNAUTHENTICATED"},
     "unauth": {"UNAUTHENTICATED"},
-    "http": {"OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},
+    "http": {"OK", "INVALID_ARGUMENT", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED"},
 }
 SUBJECTS = ("a red fox in snow", "a lighthouse in a storm", "ramen on a table", "an astronaut on a horse",
             "a map of an island", "a cat reading", "a neon street at night", "a bonsai in a sphere",
             "山间小屋", "a paper boat")
 SIZES = (64, 96, 128, 160, 192)
-HTTP_STATUS_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED"}
+HTTP_STATUS_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED"}
 
 
 def free_port() -> int:
@@ -119,7 +120,7 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    async def wait_serving(self, timeout_s: float = 120.0) -> None:
+    async def wait_serving(self, timeout_s: float = 300.0) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
 
         deadline = time.monotonic() + timeout_s
@@ -348,7 +349,7 @@ class Workload:
             self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
         base = f"http://127.0.0.1:{self.server.http_port}"
         msg = self.valid_request(note)
-        choice = self.rng.randrange(3)
+        choice = self.rng.randrange(5)
         if choice == 0:
             from google.protobuf import json_format
 
@@ -372,7 +373,16 @@ class Workload:
                         return "SSE_ERROR"
                     await asyncio.sleep(self.rng.uniform(0.0, 0.02))
                 return ("OK" if seen_completed else "SSE_TRUNCATED")
+        if choice == 3:  # a page on another site: refused by the origin check before any handler counts it
+            async with self.http.post(base + "/v1/generate", data=json.dumps({"prompt": msg.prompt}),
+                                      headers={"Origin": "http://evil.example", "Content-Type": "text/plain"}) as reply:
+                await reply.read()
+                return HTTP_STATUS_CODES.get(reply.status, f"HTTP_{reply.status}")
         note["rpc"] = "HttpGenerate"
+        if choice == 4:  # nested deeper than the JSON parser's stack
+            async with self.http.post(base + "/v1/generate", data="[" * 50_000) as reply:
+                await reply.read()
+                return HTTP_STATUS_CODES.get(reply.status, f"HTTP_{reply.status}")
         bad = self.rng.choice(('{"prompt": ', '{"width": "wide", "prompt": "x"}', '[1, 2]'))
         async with self.http.post(base + "/v1/generate", data=bad) as reply:
             await reply.read()

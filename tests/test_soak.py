@@ -21,12 +21,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.soak
+@pytest.mark.timeout(900)
 def test_soak_small(tmp_path):
     report_path = tmp_path / "soak.json"
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "soak.py"), "--requests", "240", "--warmup", "80",
          "--concurrency", "8", "--max-rss-slope-kib", str(64 * 1024), "--json", str(report_path)],
-        capture_output=True, text=True, timeout=400,
+        capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
     report = json.loads(report_path.read_text())
