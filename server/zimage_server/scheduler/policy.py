@@ -68,7 +68,14 @@ class MixPolicy(enum.Enum):
 
 
 def compat_key(request: GenerationRequest, *, with_steps: bool) -> BatchKey:
-    """What must be equal for requests to share a forward: the one place the policies read it."""
+    """What must be equal for requests to share a forward: the one place the policies read it.
+
+    Image inputs (issue 15) add one rule: with steps (request mode, where a batch runs to its end
+    together), an image-to-image request's start step (diffusers' ``get_timesteps``) is part of the key.
+    Without steps (step mode) a request starting at step k is a slot with its own step index and joins
+    any running group. ControlNet requests need no rule: the engine runs the ControlNet over the control
+    samples of a forward and gives the others zero residuals, which leave them exactly unchanged.
+    """
     return request.key(with_steps=with_steps)
 
 
