@@ -292,3 +292,20 @@ def test_hub_id_is_read_from_the_hub_cache_offline(tmp_path, checkpoints):
     assert lines[0].startswith("loaded example/tiny-zimage ")
     assert lines[1].startswith("error --model example/not-cached: cannot load a Z-Image pipeline")
     assert "hf download example/not-cached" in lines[1]
+
+
+def test_compile_cache_verdicts_from_inductor_counters(caplog):
+    """The start-up line: HIT only when every graph came from the cache, MISS when none did."""
+    import logging
+
+    from zimage_server.config import EngineConfig
+    from zimage_server.engine import accel
+
+    config = EngineConfig(compile=True, compile_cache_dir="/var/cache/zimage")
+    before = accel.cache_counts()
+    caplog.set_level(logging.INFO, logger="zimage_server.engine.accel")
+    report = accel.log_compile_cache(config, before)
+    assert report.verdict == "miss" and "compile cache MISS in /var/cache/zimage" in caplog.text
+    assert accel.CompileCacheReport("d", 9, 0, 0, 0).verdict == "hit"
+    assert accel.CompileCacheReport("d", 9, 0, 3, 2).verdict == "partial hit"
+    assert accel.log_compile_cache(EngineConfig(compile=True), before) is None  # no cache dir: no line

@@ -199,7 +199,7 @@ def log_compile_cache(config: EngineConfig, before: tuple[int, int, int, int]) -
     """Log whether the compilation since ``before`` (see ``cache_counts``) was served by --compile-cache-dir."""
     if not (config.compile and config.compile_cache_dir):
         return None
-    after = _cache_counts()
+    after = cache_counts()
     fx_hits, fx_misses, aot_hits, aot_misses = (a - b for a, b in zip(after, before, strict=True))
     report = CompileCacheReport(config.compile_cache_dir, fx_hits, fx_misses, aot_hits, aot_misses)
     log.info("compile cache %s in %s: %d of %d inductor graphs and %d of %d AOT graphs from the cache%s",
