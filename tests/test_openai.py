@@ -18,6 +18,7 @@ import shutil
 import sys
 
 import grpc
+import numpy as np
 import openai
 import pytest
 
@@ -287,14 +288,92 @@ async def test_closing_a_stream_while_queued_cancels_and_frees_the_slot(openai_s
     assert server.metrics.registry.get_sample_value("zimage_cancelled_requests_total", {"stage": "queued"}) == 1
 
 
-async def test_edits_answer_501_until_image_inputs_exist(openai_server):
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_picture(width: int = 64, height: int = 64) -> Image.Image:
+    """A deterministic RGB picture with structure (a gradient and a block), as an init image."""
+    y, x = np.mgrid[0:height, 0:width]
+    rgb = np.dstack([x * 255 // width, y * 255 // height, np.full_like(x, 80)]).astype(np.uint8)
+    rgb[height // 4:height // 2, width // 4:width // 2] = (250, 30, 30)
+    return Image.fromarray(rgb, "RGB")
+
+
+async def grpc_image(server, **fields) -> bytes:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        reply = await pb_grpc.ImageGenerationServiceStub(channel).Generate(pb.GenerateRequest(**fields))
+    return Image.open(io.BytesIO(reply.images[0].data)).tobytes()
+
+
+async def test_edit_is_image_to_image_equal_to_grpc_with_the_same_init_image(openai_server):
     server, client = await openai_server()
-    png = io.BytesIO()
-    Image.new("RGB", (64, 64)).save(png, format="PNG")
-    with pytest.raises(openai.InternalServerError) as caught:
-        await client.images.edit(image=("in.png", png.getvalue(), "image/png"), prompt="cat")
-    assert caught.value.status_code == 501 and caught.value.code == "not_implemented"
-    assert requests_total(server, "OpenAIImagesEdits", "UNIMPLEMENTED") == 1
+    init = png_bytes(test_picture())
+    result = await client.images.edit(image=("in.png", init, "image/png"), prompt="a red block", size="64x64",
+                                      extra_body={"seed": 5, "steps": 4, "strength": 0.5})
+    ours = decode(result.data[0].b64_json)
+    assert ours.size == (64, 64) and result.data[0].model_extra["seed"] == 5
+    theirs = await grpc_image(server, prompt="a red block", width=64, height=64, seed=5, steps=4, strength=0.5,
+                              init_image=init)
+    assert ours.tobytes() == theirs
+    # "auto" (or no size) keeps the input image's own size.
+    result = await client.images.edit(image=("in.png", png_bytes(test_picture(96, 64)), "image/png"),
+                                      prompt="a red block", extra_body={"steps": 2})
+    assert decode(result.data[0].b64_json).size == (96, 64)
+    assert requests_total(server, "OpenAIImagesEdits", "OK") == 2
+
+
+async def test_edit_with_a_mask_inpaints_where_the_mask_is_transparent(openai_server):
+    server, client = await openai_server()
+    init = png_bytes(test_picture())
+    alpha = np.full((64, 64), 255, dtype=np.uint8)
+    alpha[16:48, 16:48] = 0  # OpenAI: transparent = edit here
+    mask = Image.fromarray(np.dstack([np.zeros((64, 64, 3), dtype=np.uint8), alpha]), "RGBA")
+    result = await client.images.edit(image=("in.png", init, "image/png"), mask=("mask.png", png_bytes(mask)),
+                                      prompt="a window", extra_body={"seed": 9, "steps": 4})
+    repaint = np.where(alpha == 0, 255, 0).astype(np.uint8)  # ours: white = repaint
+    theirs = await grpc_image(server, prompt="a window", seed=9, steps=4, init_image=init,
+                              mask_image=png_bytes(Image.fromarray(repaint, "L")))
+    assert decode(result.data[0].b64_json).tobytes() == theirs
+
+
+async def test_edit_stream_sends_image_edit_events_over_the_steps_that_run(openai_server):
+    _, client = await openai_server()
+    stream = await client.images.edit(image=("in.png", png_bytes(test_picture()), "image/png"), prompt="cat",
+                                      stream=True, partial_images=2, extra_body={"steps": 8, "strength": 0.5})
+    events = [event async for event in stream]
+    assert [e.type for e in events] == ["image_edit.partial_image"] * 2 + ["image_edit.completed"]
+    assert [e.partial_image_index for e in events[:2]] == [0, 1]
+    assert all(decode(e.b64_json).size == (64, 64) for e in events)
+    # strength 0.5 of 8 steps runs 4: at most 4 partial images.
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.images.edit(image=("in.png", png_bytes(test_picture()), "image/png"), prompt="cat",
+                                 stream=True, partial_images=3, extra_body={"steps": 4, "strength": 0.5})
+    assert caught.value.param == "partial_images"
+
+
+async def test_edit_errors_name_image_and_mask(openai_server):
+    server, client = await openai_server()
+    picture = ("in.png", png_bytes(test_picture()), "image/png")
+    cases = [
+        ({"image": [picture, picture]}, "image"),  # sent as image[]
+        ({"image": picture, "mask": ("m.png", png_bytes(Image.new("RGB", (64, 64))))}, "mask"),  # no alpha
+        ({"image": ("in.png", b"not an image", "image/png")}, "image"),
+        ({"image": picture, "extra_body": {"strength": 1.5}}, "strength"),
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.images.edit(prompt="cat", **kwargs)
+        assert caught.value.param == param, kwargs
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{client.bridge_url}/v1/images/edits", json={"prompt": "cat"}) as response:
+            assert response.status == 400 and (await response.json())["error"]["param"] == "body"
+        form = aiohttp.FormData({"prompt": "cat"}, default_to_multipart=True)  # a form without its image
+        async with session.post(f"{client.bridge_url}/v1/images/edits", data=form) as response:
+            assert response.status == 400 and (await response.json())["error"]["param"] == "image"
+    assert requests_total(server, "OpenAIImagesEdits", "INVALID_ARGUMENT") == 6
 
 
 async def test_request_log_line_has_grpc_fields(openai_server, caplog):
@@ -467,8 +546,9 @@ async def test_readme_examples_run_as_written(make_server, tmp_path):
     finally:
         await bridge.close()
     names = sorted(path.name for path in tmp_path.iterdir())
-    assert names == ["fox-42.png", "fox-43.png", "fox.png", "lighthouse-partial-0.png", "lighthouse-partial-1.png",
-                     "lighthouse.png"]
+    assert names == ["fox-42.png", "fox-43.png", "fox.png", "lighthouse-night.png", "lighthouse-partial-0.png",
+                     "lighthouse-partial-1.png", "lighthouse.png"]
     for path in tmp_path.iterdir():
         assert Image.open(path).size == (256, 256)
     assert requests_total(server, "OpenAIImagesGenerations", "OK") == 3
+    assert requests_total(server, "OpenAIImagesEdits", "OK") == 1

@@ -6,7 +6,9 @@ Routes (wire format of the official ``openai`` SDKs, checked against openai-pyth
   with ``stream: true`` Server-Sent Events ``image_generation.partial_image`` (``partial_images`` per
   image, spread over the denoising steps, decoded from our step previews at the request's size) then one
   ``image_generation.completed`` per image. No ``[DONE]`` sentinel: the SDKs end at the end of the body.
-- ``POST /v1/images/edits`` (multipart) -> 501 until image inputs exist (an OpenAI error object).
+- ``POST /v1/images/edits`` (multipart: ``image``, optional ``mask``, and the parameters above):
+  image-to-image, or inpainting where the mask is transparent; same answer, or SSE events
+  ``image_edit.partial_image`` / ``image_edit.completed``. ``strength`` is an extra field here.
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the loaded model, then each LoRA adapter as its own model
   with ``parent`` set to the base, as vLLM's OpenAI server lists adapters. ``model: "<adapter>"`` selects
   that adapter at scale 1 (vLLM's convention); the base model's id (or no ``model``) selects none.
@@ -31,7 +33,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -44,7 +46,6 @@ from ..errors import (
     NotFound,
     NotReady,
     Unauthenticated,
-    Unimplemented,
     ZImageError,
     kind_of,
     public_message,
@@ -53,6 +54,7 @@ from ..errors import (
 from ..transport.codec import decode_request
 from ..types import Completed, EncodedImage, GenerationRequest, GenerationResult, PreviewSpec, StepDone
 from .http import SSE_HEADERS, SseStream, parse_body
+from .openai_forms import EditForm, parse_edit_form, repaint_mask
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +84,8 @@ _OPENAI_FIELDS = {"prompt", "model", "n", "size", "response_format", "output_for
 
 # Domain (proto) field -> the OpenAI parameter a client set it with.
 _PARAM_OF = {"width": "size", "height": "size", "num_images": "n", "quality": "output_compression",
-             "output_format": "output_format"}
+             "output_format": "output_format", "init_image": "image", "mask_image": "mask"}
+_FIDELITY = {"high", "low"}  # edits' input_fidelity: accepted, no effect (strength is the knob here)
 
 
 # ---------------------------------------------------------------------- parsing (pure)
@@ -191,6 +194,32 @@ def parse_generation(body: Any, *, model_id: str, adapters: Sequence[str] = ()) 
     return ImagesRequest(message, stream, partial_images if stream else 0, output_format, user)
 
 
+def parse_edit(form: EditForm, *, model_id: str, adapters: Sequence[str] = (),
+               max_input_image_pixels: int) -> ImagesRequest:
+    """A parsed /v1/images/edits form -> ImagesRequest: image-to-image, or inpainting with a mask.
+
+    One input image (Z-Image edits one); the OpenAI mask (transparent = edit) becomes our repaint mask
+    (white = repaint). ``size`` "auto" or absent keeps the image's own size (rounded to the multiple).
+    """
+    body = dict(form.body)
+    strength = body.pop("strength", None)
+    fidelity = body.pop("input_fidelity", None)
+    if fidelity is not None and fidelity not in _FIDELITY:
+        raise _violation("input_fidelity", f'must be "high" or "low" (got {fidelity!r})')
+    if not form.images:
+        raise _violation("image", "is required: the image to edit (PNG, JPEG or WebP)")
+    if len(form.images) > 1:
+        raise _violation("image", f"one image only (got {len(form.images)}): Z-Image edits a single input image")
+    parsed = parse_generation(body, model_id=model_id, adapters=adapters)
+    message = parsed.message
+    message.init_image = form.images[0]
+    if strength is not None:
+        message.strength = strength
+    if form.mask is not None:
+        message.mask_image = repaint_mask(form.mask, max_input_image_pixels)
+    return parsed
+
+
 def partial_steps(total_steps: int, partial_images: int) -> frozenset[int]:
     """The steps (1-based) after which each partial image is sent: spread evenly, before the last step.
 
@@ -204,13 +233,17 @@ def partial_steps(total_steps: int, partial_images: int) -> frozenset[int]:
 
 
 def with_partial_images(domain: GenerationRequest, partial_images: int) -> GenerationRequest:
-    """The validated request, asking for ``partial_images`` previews per image at the request's own size."""
+    """The validated request, asking for ``partial_images`` previews per image at the request's own size.
+
+    They are spread over the steps that run: image-to-image starts at ``start_step`` of the schedule.
+    """
     if partial_images == 0:
         return dataclasses.replace(domain, preview=None)
-    if partial_images > domain.steps:
-        raise _violation("partial_images", f"must be at most the number of steps ({domain.steps})")
+    if partial_images > domain.run_steps:
+        raise _violation("partial_images", f"must be at most the number of steps that run ({domain.run_steps})")
+    at_steps = frozenset(domain.start_step + s for s in partial_steps(domain.run_steps, partial_images))
     spec = PreviewSpec(every_n_steps=0, max_side_px=max(domain.width, domain.height), format=domain.output_format,
-                       quality=domain.quality, at_steps=partial_steps(domain.steps, partial_images))
+                       quality=domain.quality, at_steps=at_steps)
     return dataclasses.replace(domain, preview=spec)
 
 
@@ -402,22 +435,46 @@ class OpenAIRoutes:
     # ------------------------------------------------------------------ routes
     async def generations(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/images/generations: JSON in; JSON out, or SSE with ``stream: true``."""
-        rpc = RPC_GENERATIONS
+        async def parse() -> ImagesRequest:
+            return parse_generation(await self._json(request), model_id=self._model_id(), adapters=self._adapters())
+
+        return await self._images(request, RPC_GENERATIONS, "image_generation", parse)
+
+    async def edits(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/images/edits: a multipart form in; the same answers as generations, events ``image_edit.*``."""
+        async def parse() -> ImagesRequest:
+            return parse_edit(parse_edit_form(await self._form(request)), model_id=self._model_id(),
+                              adapters=self._adapters(),
+                              max_input_image_pixels=self._door.limits.max_input_image_pixels)
+
+        return await self._images(request, RPC_EDITS, "image_edit", parse)
+
+    @staticmethod
+    async def _form(request: web.Request) -> list[tuple[str, str | bytes]]:
+        """The multipart form's fields in order, files read as bytes (the body is bounded by client_max_size)."""
+        if request.content_type != "multipart/form-data":
+            raise _violation("body", f"must be multipart/form-data (got {request.content_type})")
+        form = await request.post()
+        return [(name, value.file.read() if isinstance(value, web.FileField) else value)
+                for name, value in form.items()]
+
+    async def _images(self, request: web.Request, rpc: str, prefix: str,
+                      parse: Callable[[], Awaitable[ImagesRequest]]) -> web.StreamResponse:
+        """Parse, validate and submit an images request; answer JSON, or SSE with ``stream: true``."""
         response: web.StreamResponse | None = None
         try:
             # aiohttp cancels the handler when the client disconnects: the front door frees the slot.
             async with self._door.call(rpc) as call:
                 self._check_auth(request)
                 self._ready()
-                parsed = parse_generation(await self._json(request), model_id=self._model_id(),
-                                          adapters=self._adapters())
+                parsed = await parse()
                 if parsed.user:
                     call.private["user"] = parsed.user
                 domain = decode_request(parsed.message, self._door.limits, rpc=rpc, stream=False)
                 call.submit(with_partial_images(domain, parsed.partial_images))
                 if parsed.stream:
                     response = web.StreamResponse(headers=SSE_HEADERS)
-                    await self._stream(request, response, call, parsed, "image_generation")
+                    await self._stream(request, response, call, parsed, prefix)
                     return response
                 result = await call.result()
         except ZImageError as exc:
@@ -463,16 +520,6 @@ class OpenAIRoutes:
                 await sse.comment("keep-alive")
         except ConnectionResetError:
             return  # the handler sees the disconnect too (it is cancelled)
-
-    async def edits(self, request: web.Request) -> web.Response:
-        """POST /v1/images/edits: not served until the engine takes image inputs."""
-        rpc, started = RPC_EDITS, self._clock()
-        try:
-            self._check_auth(request)
-            raise Unimplemented("image edits need image inputs (image-to-image, inpainting), which this server "
-                                "does not serve yet; use /v1/images/generations")
-        except ZImageError as exc:
-            return self._fail(rpc, started, exc)
 
     async def models(self, request: web.Request) -> web.Response:
         """GET /v1/models: the loaded model, then its LoRA adapters (each with ``parent`` = the model)."""
