@@ -294,3 +294,15 @@ def test_loadgen_mix_keeps_the_text_workload_and_draws_modes_by_weight():
     job = next(j for j in jobs if j.mode == "img2img")
     assert Image.open(io.BytesIO(image_fields(job)["init_image"])).size == (job.width, job.height)
     assert input_png(64, 32, "control") == input_png(64, 32, "control")
+
+
+async def test_request_log_line_names_the_mode_and_strength(cn_stub, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="zimage.requests")
+    await cn_stub.Generate(build_request("x", width=64, height=64, steps=2, seed=1, init_image=png(INIT),
+                                         strength=0.5))
+    await cn_stub.Generate(build_request("x", width=64, height=64, steps=1, seed=1))
+    lines = [r.fields for r in caplog.records if r.name == "zimage.requests" and isinstance(getattr(r, "fields", None),
+                                                                                          dict)]
+    assert [(r["mode"], r["strength"]) for r in lines[-2:]] == [("img2img", 0.5), ("text", None)]

@@ -111,7 +111,9 @@ class FrontDoor:
                       width=request.width if request else None, height=request.height if request else None,
                       steps=request.steps if request else None, num_images=request.num_images if request else None,
                       seed=request.seed if request else None, priority=request.priority if request else None,
-                      loras=[r.name for r in request.loras] if request else [])
+                      loras=[r.name for r in request.loras] if request else [],
+                      mode=request.images.mode if request else None,  # text | img2img | inpaint | control
+                      strength=request.images.strength if request else None)
         if self.log_prompts:
             if request is not None:
                 record["prompt"] = request.prompt
