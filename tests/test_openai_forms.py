@@ -37,6 +37,7 @@ def test_fields_get_their_json_types_and_files_are_collected():
     ([("prompt", "a"), ("prompt", "b")], "prompt"),
     ([("mask", b"a"), ("mask", b"b")], "mask"),
     ([("loras", "not json")], "loras"),
+    ([("loras", "[" * 100_000)], "loras"),  # nested deeper than the parser's stack (was RecursionError: a 500)
 ])
 def test_bad_fields_name_the_parameter(fields, param):
     with pytest.raises(InvalidRequest) as caught:

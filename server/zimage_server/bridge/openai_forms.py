@@ -56,7 +56,7 @@ def _typed(name: str, text: str) -> Any:
     if name == "loras":
         try:
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser's stack
             raise _bad("loras", 'must be JSON: [{"name": ..., "scale": ...}]') from None
     return text
 
