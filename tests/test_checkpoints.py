@@ -262,6 +262,30 @@ def test_defaults_and_limits_follow_the_model_then_the_flags(checkpoints, tmp_pa
         ZImageEngine.load(EngineConfig(model=base_dir, default_size_px=128))
 
 
+@pytest.mark.timeout(1800)  # ~1 min on an idle 2-core CPU; a loaded one has taken 10+ min per cold compile
+async def test_compile_cache_dir_is_missed_then_hit_by_a_restart(tmp_path):
+    """--compile-cache-dir: the first start compiles and fills it (log: MISS), a restart with the same
+    model and flags is served from it (log: HIT), and both serve."""
+    cache = tmp_path / "compile-cache"
+    lines = []
+    for run in range(2):
+        port, log = free_port(), tmp_path / f"start-{run}.log"
+        proc = run_server(["--model", "tiny", "--compile", "--compile-cache-dir", str(cache), "--warmup-sizes",
+                           "64x64", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"], log)
+        try:
+            await wait_serving(port, proc, timeout_s=850)
+            proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        lines.append(next(line for line in log.read_text().splitlines() if " compile cache " in line))
+    assert "compile cache MISS in " in lines[0] and "were compiled and saved" in lines[0]
+    assert "compile cache HIT in " in lines[1]
+    assert any((cache / "inductor").rglob("*"))
+
+
 @pytest.mark.timeout(300)
 def test_hub_id_is_read_from_the_hub_cache_offline(tmp_path, checkpoints):
     """A hub id resolves through huggingface_hub's cache (HF_HUB_CACHE) with HF_HUB_OFFLINE=1, as after
