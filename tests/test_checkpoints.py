@@ -332,4 +332,7 @@ def test_compile_cache_verdicts_from_inductor_counters(caplog):
     assert report.verdict == "miss" and "compile cache MISS in /var/cache/zimage" in caplog.text
     assert accel.CompileCacheReport("d", 9, 0, 0, 0).verdict == "hit"
     assert accel.CompileCacheReport("d", 9, 0, 3, 2).verdict == "partial hit"
+    # A cold start from an empty directory: repeats of its own graphs hit, it is still a miss.
+    assert accel.CompileCacheReport("d", 4, 5, 0, 0, had_entries=False).verdict == "miss"
+    assert accel.CompileCacheReport("d", 4, 5, 0, 0, had_entries=True).verdict == "partial hit"
     assert accel.log_compile_cache(EngineConfig(compile=True), before) is None  # no cache dir: no line

@@ -148,8 +148,9 @@ class ZImageServer:
         from .engine import accel
         from .engine.engine import ZImageEngine
 
+        cache_had_entries = False
         if self.config.engine.compile_cache_dir and self.config.engine.compile:
-            accel.use_compile_cache(self.config.engine.compile_cache_dir)
+            cache_had_entries = accel.use_compile_cache(self.config.engine.compile_cache_dir)
         cache_before = accel.cache_counts()
         started = time.monotonic()
         if self.engine is None:
@@ -170,7 +171,7 @@ class ZImageServer:
         self._warm_step_s = getattr(self.engine, "last_step_s", 0.0)
         if self.config.scheduler.batching == "step" and self.config.scheduler.mix_resolutions == "auto":
             self._mix_table = self.engine.calibrate_mixing(sizes) if len(sizes) > 1 else {}
-        accel.log_compile_cache(self.config.engine, cache_before)  # load's compile and the warm-up's
+        accel.log_compile_cache(self.config.engine, cache_before, cache_had_entries)  # load's compile and the warm-up's
         self._recompiles_seen = accel.recompilations()
         log.info("warm-up of %s x batch %s took %.1f s", sizes, batches, warm_s)
 

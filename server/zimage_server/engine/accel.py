@@ -195,13 +195,14 @@ def apply(pipe: ZImagePipeline, config: EngineConfig, device: torch.device) -> A
     return AccelReport(quantize_s=quantize_s, quant_cache_hit=cache_hit, compile_s=compile_s)
 
 
-def log_compile_cache(config: EngineConfig, before: tuple[int, int, int, int]) -> CompileCacheReport | None:
+def log_compile_cache(config: EngineConfig, before: tuple[int, int, int, int],
+                      had_entries: bool = True) -> CompileCacheReport | None:
     """Log whether the compilation since ``before`` (see ``cache_counts``) was served by --compile-cache-dir."""
     if not (config.compile and config.compile_cache_dir):
         return None
     after = cache_counts()
     fx_hits, fx_misses, aot_hits, aot_misses = (a - b for a, b in zip(after, before, strict=True))
-    report = CompileCacheReport(config.compile_cache_dir, fx_hits, fx_misses, aot_hits, aot_misses)
+    report = CompileCacheReport(config.compile_cache_dir, fx_hits, fx_misses, aot_hits, aot_misses, had_entries)
     log.info("compile cache %s in %s: %d of %d inductor graphs and %d of %d AOT graphs from the cache%s",
              report.verdict.upper(), report.directory, fx_hits, fx_hits + fx_misses, aot_hits, aot_hits + aot_misses,
              "" if report.verdict == "hit" else "; the rest were compiled and saved for the next start")
@@ -218,16 +219,19 @@ class CompileCacheReport:
     fx_misses: int
     aot_hits: int
     aot_misses: int
+    had_entries: bool = True  # the directory held compiled graphs when this start began
 
     @property
     def verdict(self) -> str:
         hits, misses = self.fx_hits + self.aot_hits, self.fx_misses + self.aot_misses
         if hits and not misses:
             return "hit"
-        return "partial hit" if hits else "miss"
+        # From an empty directory, hits are repeats of graphs compiled earlier in this same start
+        # (identical block graphs): still a cold start.
+        return "partial hit" if hits and self.had_entries else "miss"
 
 
-def use_compile_cache(directory: str) -> None:
+def use_compile_cache(directory: str) -> bool:
     """Keep inductor's on-disk caches (FX graph cache and AOTAutograd cache) in ``directory``.
 
     Both are keyed by the traced graph, the inductor/torch configuration and the torch version, so a
@@ -237,7 +241,7 @@ def use_compile_cache(directory: str) -> None:
     warm start, and a directory also serves graphs compiled after start-up; docs/benchmarks.md.)
 
     inductor reads its cache location from ``TORCHINDUCTOR_CACHE_DIR`` at each use, so it is set
-    here, in the server process, before the first compile.
+    here, in the server process, before the first compile. Returns whether it already held graphs.
     """
     import os
 
@@ -250,6 +254,7 @@ def use_compile_cache(directory: str) -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(root / "triton"))
     torch._inductor.config.fx_graph_cache = True
     torch._functorch.config.enable_autograd_cache = True
+    return any((root / "inductor" / "fxgraph").glob("*/*"))
 
 
 def cache_counts() -> tuple[int, int, int, int]:
