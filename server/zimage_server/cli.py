@@ -64,7 +64,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--max-lora-scale", "engine", "max_lora_scale", "float", "largest |scale| of an adapter"),
     Option("--controlnet", "engine", "controlnet", "str",
            "ZImageControlNetModel: diffusers dir | .safetensors | preset (the model preset's random one)"),
-    Option("--batching", "scheduler", "batching", "str", "step (continuous, default) | request (dynamic batching)"),
+    Option("--batching", "scheduler", "batching", "str", "request (dynamic batching, default) | step (continuous)"),
     Option("--max-batch-size", "scheduler", "max_batch_size", "int", "images per transformer forward"),
     Option("--preferred-batch-sizes", "scheduler", "preferred_batch_sizes", "ints", "e.g. 2,4: dispatch at once"),
     Option("--max-queue-delay-ms", "scheduler", "max_queue_delay_ms", "float", "how long a batch waits for company"),

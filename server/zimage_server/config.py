@@ -68,9 +68,10 @@ class EngineConfig:
 class SchedulerConfig:
     """Batching policy and queue limits."""
 
-    # step-level continuous batching is the default: never lower throughput and lower latency in every
-    # measurement of docs/benchmarks.md (issues 3 and 4).
-    batching: str = "step"  # request | step
+    # Request-level (dynamic) batching is the default since issue 19: on mixed resolutions it measured and
+    # simulated better than step mode's default order (docs/benchmarks.md); step mode wins on one size and,
+    # on a CPU, with --step-policy fair --max-tokens-per-step 1024.
+    batching: str = "request"  # request | step
     max_batch_size: int = 4
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_ms: float = 10.0
