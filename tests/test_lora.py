@@ -1,9 +1,10 @@
 """LoRA adapters on the tiny preset: adapters made here with PEFT (random weights), served over gRPC.
 
-Covers issue 9's "done when": scale 0 equals the base image; an adapter changes the image; requests
-with different adapters sent together each get the image they would get alone; a reload picks up a
-new file; bad names and corrupt files get their errors. Also the community key layouts diffusers
-converts (kohya, ``diffusion_model.``), the engine-side switching contract and the metrics.
+Covers issue 9's "done when": scale 0 equals the base image; an adapter changes the image; a reload
+picks up a new file; bad names and corrupt files get their errors; the community key layouts diffusers
+converts (kohya, ``diffusion_model.``). And issue 16's: requests with different adapters (and none)
+share forwards and each gets the image it gets alone; the result equals diffusers' own PEFT loading;
+the adapter cache loads on first use, evicts LRU and loses no request under eviction and reload.
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ def save_prefixed(directory: pathlib.Path, name: str, state: dict[str, torch.Ten
     return path
 
 
-def load_engine(directory: pathlib.Path):
+def load_engine(directory: pathlib.Path, **config):
     from zimage_server.config import EngineConfig
     from zimage_server.engine.engine import ZImageEngine
 
-    return ZImageEngine.load(EngineConfig(model="tiny", lora_dir=str(directory)))
+    return ZImageEngine.load(EngineConfig(model="tiny", lora_dir=str(directory), **config))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +101,9 @@ def lora_dir(tmp_path_factory, adapters):
 
 @pytest.fixture(scope="module")
 def lora_engine(lora_dir):
-    return load_engine(lora_dir)
+    engine = load_engine(lora_dir)
+    assert engine.loras.preload() == []  # resident from the start: ListLoras can describe them
+    return engine
 
 
 @pytest.fixture
@@ -127,7 +130,7 @@ async def test_list_loras_reports_name_rank_targets_and_size(stub):
     listed = (await stub.ListLoras(pb.ListLorasRequest())).loras
     assert [a.name for a in listed] == ["alpha", "alpha-kohya", "beta", "beta.comfy"]
     for adapter in listed:
-        assert adapter.rank == RANK
+        assert adapter.resident and adapter.rank == RANK
         assert list(adapter.target_modules) == ["attention.to_k", "attention.to_out.0", "attention.to_q",
                                                 "attention.to_v"]
         # 4 blocks (2 layers, 1 noise and 1 context refiner) x 4 projections x (A + B), 64 features, float32
@@ -154,30 +157,51 @@ async def test_community_layouts_load_as_the_same_adapter(stub):
     assert await image(stub, [("beta.comfy", 0.7)]) == await image(stub, [("beta", 0.7)])
 
 
-@pytest.mark.parametrize("batching", ["request", "step"])
-async def test_requests_with_different_adapters_sent_together_each_get_their_own_image(make_server, lora_engine,
-                                                                                      batching):
-    server = await make_server(engine=lora_engine, batching=batching, max_batch_size=8, max_queue_delay_ms=100)
-    sets = [(), (("alpha", 1.0),), (("beta", 0.5),), (("alpha", 0.5),), (("alpha", 1.0), ("beta", 0.5))]
+@pytest.mark.parametrize("batching,guidance", [("request", 0.0), ("step", 3.0)])
+async def test_requests_with_different_adapters_share_forwards_and_each_get_their_own_image(
+        make_server, lora_engine, batching, guidance):
+    """3+ different adapters, one with two, one at scale 0 and one with none, sent together: one forward
+    (batch_size), each the image it gets alone within +-1 (with CFG the unconditional rows use the
+    request's adapters too)."""
+    server = await make_server(engine=lora_engine, batching=batching, max_batch_size=8, max_queue_delay_ms=300)
+    sets = [(), (("alpha", 1.0),), (("beta", 0.5),), (("alpha-kohya", 0.7),), (("beta.comfy", 1.5),),
+            (("alpha", 0.5), ("beta", 1.0)), (("alpha", 0.0),)]
+
+    def req(loras):
+        r = request(loras)
+        r.guidance_scale = guidance
+        return r
+
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ImageGenerationServiceStub(channel)
+        alone = [(await stub.Generate(req(s))).images[0].data for s in sets]
+        assert len(set(alone[:-1])) == len(sets) - 1 and alone[-1] == alone[0]  # scale 0: the base image
+        forwards = server.metrics.registry.get_sample_value("zimage_lora_adapters_per_forward_count")
+        # Twice: after the sequential requests above the scheduler expects no company (sparse arrivals)
+        # and may start the first burst before all of it has arrived; the second burst batches whole.
+        bursts = [await asyncio.gather(*(stub.Generate(req(s)) for s in sets)) for _ in range(2)]
+    for together in bursts:
+        for response, reference in zip(together, alone, strict=True):
+            assert pixels_close(response.images[0].data, reference)
+    # They shared forwards: all seven in one batch, and forwards held up to 4 distinct adapters (alpha,
+    # alpha-kohya, beta, beta.comfy are distinct files; scale 0 contributes nothing and is not counted).
+    assert all(r.batch_size == len(sets) for r in bursts[1])
+    registry = server.metrics.registry
+    assert registry.get_sample_value("zimage_lora_adapters_per_forward_count") >= forwards + 2  # 2 steps
+    assert registry.get_sample_value("zimage_lora_adapters_per_forward_bucket", {"le": "2.0"}) < \
+        registry.get_sample_value("zimage_lora_adapters_per_forward_count")
+    assert registry.get_sample_value("zimage_lora_requests_total", {"adapter": "alpha"}) >= 4
+
+
+async def test_split_lora_batches_restores_one_adapter_set_per_forward(make_server, lora_engine):
+    server = await make_server(engine=lora_engine, max_batch_size=8, max_queue_delay_ms=300, split_lora_batches=True)
+    sets = [(), (("alpha", 1.0),), (("beta", 0.5),)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.ImageGenerationServiceStub(channel)
         alone = [await image(stub, s) for s in sets]
-        assert len(set(alone)) == len(sets)
-        switches = server.metrics.registry.get_sample_value("zimage_lora_switches_total")
         together = await asyncio.gather(*(stub.Generate(request(s)) for s in sets))
-        # Different adapter sets (names or scales) never share a forward: each runs as it would alone.
-        assert [r.images[0].data for r in together] == alone
-        if batching == "request":  # (in step mode batch_size counts the running set, not one forward)
-            assert all(r.batch_size == 1 for r in together)
-        assert server.metrics.registry.get_sample_value("zimage_lora_switches_total") >= switches + len(sets) - 1
-        pairs = await asyncio.gather(*(stub.Generate(request(s)) for s in sets * 2))
-    # Equal sets do share one: the same images up to batched float rounding (as for requests without adapters).
-    for response, reference in zip(pairs, alone * 2, strict=True):
-        assert pixels_close(response.images[0].data, reference)
-    if batching == "request":
-        assert all(r.batch_size == 2 for r in pairs)
-    assert server.metrics.registry.get_sample_value("zimage_lora_requests_total", {"adapter": "alpha"}) >= 9
-    assert server.metrics.registry.get_sample_value("zimage_lora_requests_total", {"adapter": "beta"}) >= 6
+    assert [r.images[0].data for r in together] == alone
+    assert all(r.batch_size == 1 for r in together)
 
 
 def pixels_close(a: bytes, b: bytes) -> bool:
@@ -226,16 +250,21 @@ async def test_reload_picks_up_new_changed_and_removed_files_and_reports_bad_one
     save_diffusers(tmp_path, "one", *adapters["alpha"])
     bad = write_bad_files(tmp_path, tmp_path / "one.safetensors", adapters)
     engine = load_engine(tmp_path)  # corrupt files at start-up: reported and skipped, the server starts
-    assert engine.loras.names() == {"one"}
+    # The scan reads headers only: a LoRA made for another model is found to be one at its first use.
+    assert engine.loras.names() == {"one", "wrong-shape"}
     server = await make_server(engine=engine)
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.ImageGenerationServiceStub(channel)
-        assert [a.name for a in (await stub.ListLoras(pb.ListLorasRequest())).loras] == ["one"]
+        listed = (await stub.ListLoras(pb.ListLorasRequest())).loras
+        assert [(a.name, a.resident) for a in listed] == [("one", False), ("wrong-shape", False)]
         one = await image(stub, [("one", 1.0)])
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Generate(request([("wrong-shape", 1.0)]))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "wrong-shape" in info.value.details()
 
         save_diffusers(tmp_path, "two", *adapters["beta"])
         reply = await stub.ReloadLoras(pb.ReloadLorasRequest())
-        assert [a.name for a in reply.loras] == ["one", "two"]
+        assert [(a.name, a.resident) for a in reply.loras] == [("one", True), ("two", False), ("wrong-shape", False)]
         assert sorted(e.split(":")[0] for e in reply.errors) == sorted(bad)
         for file, word in bad.items():
             assert any(e.startswith(file) and word in e for e in reply.errors)
@@ -246,6 +275,7 @@ async def test_reload_picks_up_new_changed_and_removed_files_and_reports_bad_one
         # A changed file is reloaded under the same name; a removed one is unloaded: NOT_FOUND from then on.
         save_diffusers(tmp_path, "two", *adapters["gamma"])
         (tmp_path / "one.safetensors").unlink()
+        (tmp_path / "wrong-shape.safetensors").unlink()
         reply = await stub.ReloadLoras(pb.ReloadLorasRequest())
         assert [a.name for a in reply.loras] == ["two"]
         assert await image(stub, [("two", 1.0)]) not in (one, two)
@@ -258,8 +288,8 @@ async def test_reload_picks_up_new_changed_and_removed_files_and_reports_bad_one
         await server.reload_loras_soon()
         assert [a.name for a in (await stub.ListLoras(pb.ListLorasRequest())).loras] == ["three", "two"]
         assert await image(stub, [("three", 1.0)]) == one
-    # Failed loads leave no half-injected adapter behind.
-    assert len(engine.transformer.peft_config) == 2
+    # Failed loads leave nothing behind; the replaced and removed versions were dropped.
+    assert engine.loras.resident_names() == {"two", "three"}
 
 
 class StepGate:
@@ -348,55 +378,118 @@ def run_engine(engine, loras=(), seed=7) -> torch.Tensor:
     return slots[0].latents.clone()
 
 
-def test_activate_switches_only_on_change_and_leaves_base_weights_untouched(lora_engine):
-    from zimage_server.engine.lora import AdapterNotLoaded
-    from zimage_server.types import LoraRef
-
-    registry = lora_engine.loras
-    base_weights = {n: p.clone() for n, p in lora_engine.transformer.named_parameters() if ".lora_" not in n}
-    registry.activate(())
-    count = registry.switches
-    assert registry.activate((LoraRef("alpha", 1.0),)) and registry.switches == count + 1
-    assert not registry.activate((LoraRef("alpha", 1.0),)) and registry.switches == count + 1
-    assert registry.activate((LoraRef("alpha", 0.5),)) and registry.switches == count + 2
-    with pytest.raises(AdapterNotLoaded):
-        registry.activate((LoraRef("alpha", 1.0), LoraRef("missing", 1.0)))
-    assert registry.active == (LoraRef("alpha", 0.5),)
-    run_engine(lora_engine, [("alpha", 1.0), ("beta", 2.0)])
-    assert all(torch.equal(p, base_weights[n]) for n, p in lora_engine.transformer.named_parameters()
-               if ".lora_" not in n)
-
-
-def test_slots_with_different_adapters_never_share_a_forward(lora_engine):
+def run_many(engine, sets, guidance=0.0) -> list[torch.Tensor]:
+    """All of ``sets`` in the same forwards (one slot each)."""
     from zimage_server.types import GenerationRequest, ImageFormat, LoraRef
 
-    def req(loras):
-        return GenerationRequest(request_id="t", prompt="p", negative_prompt="", width=64, height=64, steps=2,
-                                 guidance_scale=0.0, seed=1, num_images=1, output_format=ImageFormat.PNG, quality=90,
-                                 preview=None, loras=loras)
+    requests = [GenerationRequest(request_id=f"t{i}", prompt="a lighthouse", negative_prompt="blur", width=64,
+                                  height=64, steps=2, guidance_scale=guidance, seed=7, num_images=1,
+                                  output_format=ImageFormat.PNG, quality=90, preview=None,
+                                  loras=tuple(LoraRef(n, s) for n, s in loras)) for i, loras in enumerate(sets)]
+    slots = [s for group in engine.start(requests) for s in group]
+    while not slots[0].done:
+        engine.step(slots)
+    return [s.latents.clone() for s in slots]
 
-    a, b = lora_engine.start([req(()), req((LoraRef("alpha", 1.0),))])
-    with pytest.raises(ValueError, match="cannot share a forward"):
-        lora_engine.step(a + b)
+
+def test_mixed_forward_equals_each_alone_and_leaves_base_weights_untouched(lora_engine):
+    base_weights = {n: p.clone() for n, p in lora_engine.transformer.named_parameters()}
+    sets = [(), [("alpha", 1.0)], [("beta", 2.0)], [("alpha", 0.5), ("beta", 1.0)], [("beta.comfy", -1.0)]]
+    for guidance in (0.0, 4.0):
+        alone = [run_many(lora_engine, [s], guidance)[0] for s in sets]
+        mixed = run_many(lora_engine, sets, guidance)
+        for a, m in zip(alone, mixed, strict=True):
+            assert torch.allclose(a, m, atol=1e-4), float((a - m).abs().max())
+    assert all(torch.equal(p, base_weights[n]) for n, p in lora_engine.transformer.named_parameters())
 
 
-def test_fixed_graph_mode_expresses_the_selection_by_scales_and_gives_the_same_images(lora_engine, lora_dir, adapters):
-    """The --compile mode (all adapters active, unrequested ones at scale 0), run eagerly here: same images,
-    and the adapter set is frozen once compiled."""
+def test_grouped_deltas_equal_diffusers_peft_loading(lora_engine, lora_dir):
+    """The same adapters loaded by diffusers (``load_lora_weights`` + ``set_adapters``: PEFT's LoRA layers)
+    give the same latents as the mixed-forward wrappers."""
+    from zimage_server.config import EngineConfig
+    from zimage_server.engine.engine import ZImageEngine
+
+    reference = ZImageEngine.load(EngineConfig(model="tiny"))
+    reference.pipe.load_lora_weights(str(lora_dir / "alpha.safetensors"), adapter_name="alpha")
+    reference.pipe.load_lora_weights(str(lora_dir / "beta.comfy.safetensors"), adapter_name="beta")
+    reference.pipe.set_adapters(["alpha", "beta"], [0.5, 1.5])
+    want = run_engine(reference, ())
+    got = run_engine(lora_engine, [("alpha", 0.5), ("beta", 1.5)])
+    assert torch.allclose(want, got, atol=1e-5), float((want - got).abs().max())
+
+
+def test_slot_mode_gives_the_same_images_and_takes_new_adapters_without_changing_shapes(lora_engine, lora_dir,
+                                                                                      adapters):
+    """The --compile mode's fixed-shape slots, run eagerly here: same latents as the grouped mode, and a file
+    added later loads into a free slot (the slot tensors keep their identity and shape)."""
     from zimage_server.config import EngineConfig
     from zimage_server.engine.engine import ZImageEngine
     from zimage_server.engine.lora import LoraRegistry
 
     engine = ZImageEngine.load(EngineConfig(model="tiny"))
-    engine.loras = LoraRegistry(engine.pipe, lora_dir, fixed_graph=True)
+    engine.loras = LoraRegistry(engine.transformer, lora_dir, fixed_graph=True, max_loaded=4, max_rank=8)
     engine.loras.reload()
-    engine.loras.freeze()
-    for loras in [(), [("alpha", 1.0)], [("beta", 0.5)], [("alpha", 0.5), ("beta", 1.0)], ()]:
-        assert torch.equal(run_engine(engine, loras), run_engine(lora_engine, loras)), loras
+    wrapper = engine.transformer.layers[0].attention.to_q
+    before = (id(wrapper.slot_a), wrapper.slot_a.shape)
+    assert engine.loras.preload(["alpha", "beta"]) == []
+    sets = [(), [("alpha", 1.0)], [("beta", 0.5)], [("alpha", 0.5), ("beta", 1.0)], ()]
+    for a, b in zip(run_many(engine, sets), run_many(lora_engine, sets), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
     save_diffusers(lora_dir, "late", *adapters["gamma"])
     try:
-        report = engine.loras.reload()
+        engine.loras.reload()
+        assert engine.loras.preload(["late"]) == []
+        late = run_engine(engine, [("late", 1.0)])
     finally:
         (lora_dir / "late.safetensors").unlink()
-    assert "late" not in engine.loras.names()
-    assert any(e.startswith("late.safetensors") and "--compile" in e for e in report.errors)
+        lora_engine.loras.reload()
+    assert not torch.allclose(late, run_engine(engine, ()))
+    assert (id(wrapper.slot_a), wrapper.slot_a.shape) == before
+
+
+async def test_cache_loads_on_first_use_evicts_lru_and_loses_no_request(make_server, adapters, tmp_path):
+    """Five adapters, two resident at most: 15 concurrent requests over all of them (and reloads that
+    change and remove files meanwhile) all finish with their own image; ListLoras shows resident vs not."""
+    names = ["a0", "a1", "a2", "a3", "a4"]
+    for i, name in enumerate(names):
+        save_diffusers(tmp_path, name, *adapters[("alpha", "beta", "gamma")[i % 3]])
+    engine = load_engine(tmp_path, max_loaded_loras=2, max_loras_per_request=2)
+    server = await make_server(engine=engine, batching="step", max_batch_size=4, max_queue_delay_ms=20)
+    metrics = server.metrics.registry
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.ImageGenerationServiceStub(channel)
+        assert not any(a.resident for a in (await stub.ListLoras(pb.ListLorasRequest())).loras)
+        alone = {n: await image(stub, [(n, 1.0)]) for n in ("a0", "a1", "a2")}
+        assert metrics.get_sample_value("zimage_lora_loads_total") == 3
+        assert metrics.get_sample_value("zimage_lora_evictions_total") == 1
+        assert metrics.get_sample_value("zimage_lora_adapters_resident") == 2
+        listed = {a.name: a.resident for a in (await stub.ListLoras(pb.ListLorasRequest())).loras}
+        assert listed == {"a0": False, "a1": True, "a2": True, "a3": False, "a4": False}
+
+        async def follow(n):
+            events = [e async for e in stub.StreamProgress(request([(n, 1.0)]))]
+            return events
+
+        order = [names[i % 5] for i in range(15)]
+        tasks = [asyncio.ensure_future(follow(n)) for n in order]
+        await asyncio.sleep(0.3)
+        # Under load: a4's file changes and a3's goes away; the requests already queued keep their adapters.
+        save_diffusers(tmp_path, "a4", *adapters["alpha"])
+        (tmp_path / "a3.safetensors").rename(tmp_path / "a3.off")
+        await stub.ReloadLoras(pb.ReloadLorasRequest())
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+    # Every request ends: with its image, or (a3 only, if its file went away before it was ever loaded for
+    # it) with an error that says so; none waits until its deadline.
+    pairs = list(zip(order, results, strict=True))
+    failed = [(n, r) for n, r in pairs if isinstance(r, BaseException)]
+    assert all(n == "a3" and r.code() == grpc.StatusCode.FAILED_PRECONDITION and "removed" in r.details()
+               for n, r in failed), failed
+    done = [(n, events) for n, events in pairs if not isinstance(events, BaseException)]
+    for n, events in done:
+        if n in alone:
+            assert pixels_close(events[-1].completed.images[0].data, alone[n]), n
+    assert any(e.queued.loading_loras for _, events in done for e in events if e.HasField("queued"))
+    assert metrics.get_sample_value("zimage_lora_evictions_total") > 3
+    assert metrics.get_sample_value("zimage_lora_adapters_resident") <= 2
+    assert metrics.get_sample_value("zimage_lora_load_seconds_count") == metrics.get_sample_value(
+        "zimage_lora_loads_total")

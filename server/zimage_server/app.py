@@ -9,6 +9,8 @@ running requests get up to ``grace_s`` to finish, the rest end with UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import logging
 import pathlib
 import time
@@ -37,6 +39,32 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ImageGenerationService"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+def _wake_from_thread(loop: asyncio.AbstractEventLoop, scheduler: Scheduler) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: that server has stopped
+        loop.call_soon_threadsafe(scheduler.wake)
+
+
+class PrometheusLoraObserver:
+    """The LoRA cache's metric hooks (engine.lora.LoraObserver), on Prometheus metrics."""
+
+    def __init__(self, metrics: Metrics):
+        self._m = metrics
+
+    def loaded(self, seconds: float) -> None:
+        self._m.lora_loads.inc()
+        self._m.lora_load_seconds.observe(seconds)
+
+    def evicted(self) -> None:
+        self._m.lora_evictions.inc()
+
+    def resident(self, count: int, size_bytes: int) -> None:
+        self._m.lora_resident.set(count)
+        self._m.lora_resident_bytes.set(size_bytes)
+
+    def forward(self, distinct: int) -> None:
+        self._m.lora_adapters_per_forward.observe(distinct)
 
 
 class ZImageServer:
@@ -129,14 +157,16 @@ class ZImageServer:
             # retry in this process) can bind them again.
             await self._close_listeners()
             return
+        registry = getattr(self.engine, "loras", None)  # None without --lora-dir (and on fake engines)
         scheduler = Scheduler(self.engine, self.config.scheduler, self.metrics,
-                              estimated_step_s=self._warm_step_s, mix_table=self._mix_table)
+                              estimated_step_s=self._warm_step_s, mix_table=self._mix_table, adapters=registry)
         scheduler.start()
         self.scheduler = scheduler
-        registry = getattr(self.engine, "loras", None)  # None without --lora-dir (and on fake engines)
         if registry is not None:
-            registry.on_switch = self.metrics.adapter_switches.inc
-            self.lora_catalog = EngineLoraCatalog(registry, scheduler)
+            loop = asyncio.get_running_loop()
+            registry.observer = PrometheusLoraObserver(self.metrics)
+            registry.on_ready = functools.partial(_wake_from_thread, loop, scheduler)  # a load or reload ended
+            self.lora_catalog = EngineLoraCatalog(registry)
         self.service.attach(scheduler, self.limits(), self.model_info(), loras=self.lora_catalog)
         self.metrics.build_info.info(self._build_labels())
         for name in HEALTH_SERVICES:

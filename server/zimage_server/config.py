@@ -39,6 +39,9 @@ class EngineConfig:
     max_loras_per_request: int = 4
     max_lora_scale: float = 4.0
     controlnet: str = ""  # "" | preset | a diffusers directory | a .safetensors file
+    max_loaded_loras: int = 16  # adapters resident at once (LRU cache over --lora-dir)
+    max_loaded_lora_mib: float = 0.0  # and at most this much adapter weight; 0: no byte budget
+    max_lora_rank: int = 64  # with --compile: the rank every compiled adapter slot is padded to
 
     def validate(self) -> None:
         if self.quantize not in ("none", "int8", "fp8", "int4"):
@@ -62,6 +65,11 @@ class EngineConfig:
                             ("--max-size-px", self.max_size_px)):
             if value is not None and (value < 16 or value % 16):
                 raise ConfigError(f"{flag} must be a positive multiple of 16 (got {value})")
+        if self.max_loaded_loras < self.max_loras_per_request:
+            raise ConfigError(f"--max-loaded-loras ({self.max_loaded_loras}) must be at least --max-loras-per-request "
+                              f"({self.max_loras_per_request}): one request's adapters must fit in the cache")
+        if self.max_loaded_lora_mib < 0 or self.max_lora_rank < 1:
+            raise ConfigError("--max-loaded-lora-mib must be >= 0 and --max-lora-rank >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +80,7 @@ class SchedulerConfig:
     # simulated better than step mode's default order (docs/benchmarks.md); step mode wins on one size and,
     # on a CPU, with --step-policy fair --max-tokens-per-step 1024.
     batching: str = "request"  # request | step
+    split_lora_batches: bool = False  # issue-9 behaviour: different adapter sets never share a forward (bench)
     max_batch_size: int = 4
     preferred_batch_sizes: tuple[int, ...] = ()
     max_queue_delay_ms: float = 10.0

@@ -85,9 +85,18 @@ class Metrics:
         self.compile = Gauge(
             "zimage_compile_seconds", "Part of the warm-up spent compiling (0 when not compiled).", registry=r
         )
-        self.adapter_switches = Counter(
-            "zimage_lora_switches", "Changes of the active LoRA adapter set between forwards.", registry=r
-        )
+        self.lora_resident = Gauge("zimage_lora_adapters_resident", "LoRA adapters in memory now.", registry=r)
+        self.lora_resident_bytes = Gauge("zimage_lora_adapters_resident_bytes", "Weights of the resident LoRA adapters.",
+                                         registry=r)
+        self.lora_loads = Counter("zimage_lora_loads", "LoRA adapters loaded into memory (first use or again "
+                                  "after eviction).", registry=r)
+        self.lora_evictions = Counter("zimage_lora_evictions", "Resident LoRA adapters evicted (least recently "
+                                      "used) to make room.", registry=r)
+        self.lora_load_seconds = Histogram("zimage_lora_load_seconds", "Time to read and install one LoRA adapter.",
+                                           buckets=(0.01, 0.03, 0.1, 0.3, 1, 3, 10, 30), registry=r)
+        self.lora_adapters_per_forward = Histogram(
+            "zimage_lora_adapters_per_forward", "Distinct LoRA adapters in one transformer forward (0: base only).",
+            buckets=(0, 1, 2, 4, 8, 16, 32), registry=r)
         self.adapter_requests = Counter(
             "zimage_lora_requests", "Requests by LoRA adapter (loaded adapter names only).", ["adapter"], registry=r
         )

@@ -75,6 +75,7 @@ class AdapterInfo:
     rank: int  # the largest rank over its layers
     target_modules: tuple[str, ...]  # module names within a block, e.g. "attention.to_q"
     size_bytes: int  # its weights as held in memory
+    resident: bool = True  # in memory now (else loaded on first use; rank etc. known once it has been)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,7 @@ class BatchKey:
     width: int
     height: int
     guidance: bool
-    loras: tuple[LoraRef, ...]
+    loras: tuple[LoraRef, ...] = ()  # empty unless split_loras: mixed-adapter forwards (issue 16)
     steps: int | None = None
     # Request-level batching steps a whole batch together to its end, so an image-to-image request that
     # starts at step k of ``steps`` only shares a batch with requests that start at the same step.
@@ -175,12 +176,14 @@ class GenerationRequest:
     rpc: str = "Generate"
     images: ImageInputs = NO_IMAGES
 
-    def key(self, with_steps: bool = True) -> BatchKey:
+    def key(self, with_steps: bool = True, split_loras: bool = False) -> BatchKey:
+        """What this request must share with others to join their forward. Adapters are not part of it (each
+        sample of a forward has its own); ``split_loras`` restores the pre-issue-16 behaviour (benchmarks)."""
         return BatchKey(
             width=self.width,
             height=self.height,
             guidance=self.guidance_scale > 0,
-            loras=self.loras,
+            loras=self.loras if split_loras else (),
             steps=self.steps if with_steps else None,
             start_step=self.start_step if with_steps else 0,
         )
@@ -242,6 +245,7 @@ class Queued:
     position: int
     depth: int
     elapsed_s: float
+    loading_loras: bool = False  # waiting for one of its LoRA adapters to be loaded
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,12 +133,14 @@ class GenerateResponse(_message.Message):
     def __init__(self, images: _Optional[_Iterable[_Union[Image, _Mapping]]] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ..., batch_size: _Optional[int] = ..., request_id: _Optional[str] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class Queued(_message.Message):
-    __slots__ = ("queue_position", "queue_depth")
+    __slots__ = ("queue_position", "queue_depth", "loading_loras")
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    LOADING_LORAS_FIELD_NUMBER: _ClassVar[int]
     queue_position: int
     queue_depth: int
-    def __init__(self, queue_position: _Optional[int] = ..., queue_depth: _Optional[int] = ...) -> None: ...
+    loading_loras: bool
+    def __init__(self, queue_position: _Optional[int] = ..., queue_depth: _Optional[int] = ..., loading_loras: _Optional[bool] = ...) -> None: ...
 
 class Started(_message.Message):
     __slots__ = ("batch_size", "queue_seconds")
@@ -303,16 +305,18 @@ class ListLorasRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoraInfo(_message.Message):
-    __slots__ = ("name", "rank", "target_modules", "size_bytes")
+    __slots__ = ("name", "rank", "target_modules", "size_bytes", "resident")
     NAME_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     TARGET_MODULES_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     rank: int
     target_modules: _containers.RepeatedScalarFieldContainer[str]
     size_bytes: int
-    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    resident: bool
+    def __init__(self, name: _Optional[str] = ..., rank: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., resident: _Optional[bool] = ...) -> None: ...
 
 class ListLorasResponse(_message.Message):
     __slots__ = ("loras",)

@@ -89,7 +89,7 @@ class Slot:
     sigmas: torch.Tensor  # [steps + 1], float32, ends with 0
     model_t: torch.Tensor  # [steps], the transformer's timestep input per step
     step_index: int = 0
-    loras: tuple[LoraRef, ...] = ()  # the request's adapters: slots of one forward share them
+    loras: tuple[LoraRef, ...] = ()  # the request's adapters (slots of one forward may each have their own)
     start_step: int = 0  # > 0 for image-to-image: the schedule steps it skips
     inpaint: InpaintState | None = None
     control: torch.Tensor | None = None  # [control_in_dim, 1, h/8, w/8] control latents
@@ -165,18 +165,19 @@ class ZImageEngine:
         pipe.set_progress_bar_config(disable=True)
         loras = None
         if config.lora_dir:
-            # Adapters go in after quantization (PEFT wraps the quantized layers; the adapters stay in full
-            # precision) and before compile (the compiled graph then contains their layers; see engine.lora).
+            # The adapter wrappers go in after quantization (they wrap the quantized layers; the adapters stay in
+            # the model's dtype) and before compile (the compiled graphs contain them; see engine.lora).
             report = accel.apply(pipe, dataclasses.replace(config, compile=False), device)
-            loras = LoraRegistry(pipe, config.lora_dir, fixed_graph=config.compile)
+            loras = LoraRegistry(pipe.transformer, config.lora_dir, max_loaded=config.max_loaded_loras,
+                                 max_loaded_bytes=int(config.max_loaded_lora_mib * 2**20), fixed_graph=config.compile,
+                                 max_per_request=config.max_loras_per_request, max_rank=config.max_lora_rank)
             loras.reload()
             if config.compile:
                 started = time.monotonic()
                 accel.compile_models(pipe, config)
-                loras.freeze()
                 report = dataclasses.replace(report, compile_s=time.monotonic() - started)
-                log.info("compiled (with %d LoRA adapters) and pre-warmed in %.1f s",
-                         len(loras.names()), report.compile_s)
+                log.info("compiled (with LoRA slots for %d adapters) and pre-warmed in %.1f s",
+                         config.max_loaded_loras, report.compile_s)
         else:
             report = accel.apply(pipe, config, device)
         transformer = pipe.transformer
@@ -287,7 +288,6 @@ class ZImageEngine:
     def start(self, requests: Sequence[GenerationRequest]) -> list[list[Slot]]:
         """Encode the requests' prompts in one batch and create one slot per image."""
         self._check_fault("encode", [r.request_id for r in requests])
-        self._check_loras_loaded(requests)
         prompts = [r.prompt for r in requests]
         prompts += [r.negative_prompt for r in requests if r.guidance_scale > 0]
         embeds = dict(zip(prompts, self.encode_prompts(prompts), strict=True))
@@ -419,20 +419,23 @@ class ZImageEngine:
         Returns, per slot, an RGB preview (latent resolution, uint8) where asked, else None.
         """
         self._check_fault("step", [s.request_id for s in slots])
-        if any(s.loras != slots[0].loras for s in slots):
-            raise ValueError("slots with different LoRA adapters cannot share a forward")
-        self.activate_loras(slots[0].loras if slots else ())
         dtype = self.transformer.dtype
         positives = list(slots)
         guided = [s for s in slots if s.negative_embeds is not None]
+        # Row i of every block's input is sample i of this list: the unconditional rows get their request's adapters.
+        self.plan_loras(positives + guided)
         x = [s.latents.to(dtype).unsqueeze(2)[0] for s in positives + guided]
         t = torch.stack([s.model_t[s.step_index] for s in positives + guided])
         caps = [s.prompt_embeds for s in positives] + [s.negative_embeds for s in guided]
-        hints = self._control_hints(positives + guided, x, t, caps)
-        if hints is None:
-            out = self.transformer(x, t, caps, return_dict=False)[0]
-        else:
-            out = self.transformer(x, t, caps, controlnet_block_samples=hints, return_dict=False)[0]
+        try:
+            hints = self._control_hints(positives + guided, x, t, caps)
+            if hints is None:
+                out = self.transformer(x, t, caps, return_dict=False)[0]
+            else:
+                out = self.transformer(x, t, caps, controlnet_block_samples=hints, return_dict=False)[0]
+        finally:
+            if self.loras is not None:
+                self.loras.clear_plan()
         self.forward_count += 1
         negative_out = dict(zip((id(s) for s in guided), out[len(positives) :], strict=True))
         previews: list[np.ndarray | None] = []
@@ -454,27 +457,17 @@ class ZImageEngine:
             previews.append(preview)
         return previews
 
-    def _check_loras_loaded(self, requests: Sequence[GenerationRequest]) -> None:
-        """NOT_FOUND at admission for an adapter that a reload removed after the request was validated."""
-        if self.loras is None:
-            return
-        loaded = self.loras.names()
-        for r in requests:
-            for i, ref in enumerate(r.loras):
-                if ref.name not in loaded:
-                    raise NotFound(f"loras[{i}].name", ref.name, "LoRA adapter (removed by a reload)")
-
-    def activate_loras(self, loras: Sequence[LoraRef]) -> None:
-        """Make ``loras`` the adapters of the next forwards (a no-op when they already are)."""
+    def plan_loras(self, rows: Sequence[Slot]) -> int:
+        """Tell the adapter wrappers which adapters each row of the next forward uses; returns how many
+        distinct adapters the forward has."""
         if self.loras is not None:
             try:
-                self.loras.activate(loras)
-            except AdapterNotLoaded as exc:  # removed by a reload while the request ran: the client's status
-                missing = [i for i, ref in enumerate(loras) if ref.name not in self.loras.names()] or [0]
-                raise NotFound(f"loras[{missing[0]}].name", loras[missing[0]].name,
-                               "LoRA adapter (removed by a reload)") from exc
-        elif loras:
+                return self.loras.plan([(s.request_id, s.loras) for s in rows])
+            except AdapterNotLoaded as exc:  # only for a request that never went through the cache's acquire
+                raise NotFound("loras", exc.name, "LoRA adapter (not loaded)") from exc
+        if any(s.loras for s in rows):
             raise ValueError("no LoRA adapters are loaded: start the server with --lora-dir")
+        return 0
 
     @torch.no_grad()
     def decode(self, slots: Sequence[Slot]) -> list[np.ndarray]:

@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -54,14 +54,26 @@ from .state import RequestState
 log = logging.getLogger(__name__)
 
 
+class AdapterGate(Protocol):
+    """The LoRA adapter cache as the scheduler sees it (engine.lora.LoraRegistry): a request holds its
+    adapters from submission to its end, and the policy sees it only once all of them are resident."""
+
+    def acquire(self, request_id: str, loras: Sequence[Any]) -> bool: ...
+    def ready(self, request_id: str) -> bool: ...
+    def failure(self, request_id: str) -> ZImageError | None: ...
+    def release(self, request_id: str) -> None: ...
+
+
 class Scheduler:
     """Queues requests and feeds the engine; see the module docstring for the contracts."""
 
     def __init__(self, engine: EngineLike, config: SchedulerConfig, metrics: Metrics | None = None, *,
                  clock: Callable[[], float] = time.monotonic, estimated_step_s: float = 0.0,
-                 mix_table: dict[frozenset[int], bool] | None = None, oom_recovery_s: float = OOM_RECOVERY_S):
+                 mix_table: dict[frozenset[int], bool] | None = None, oom_recovery_s: float = OOM_RECOVERY_S,
+                 adapters: AdapterGate | None = None):
         config.validate()
         self.engine = engine
+        self.adapters = adapters  # None: no --lora-dir (every request is ready)
         self.config = config
         self.metrics = metrics if metrics is not None else Metrics()
         self._clock = clock
@@ -70,6 +82,7 @@ class Scheduler:
                                  oom_recovery_s=oom_recovery_s)
         self.estimates = Estimates(estimated_step_s)
         self.queue = WaitingQueue(config.priority_aging_s, clock, self.estimate_service_s, self._expired_waiting)
+        self.queue.loading = lambda state: not self._adapters_ready(state)
         self.mix_table: dict[frozenset[int], bool] = dict(mix_table or {})
         self._running: list[RequestState] = []
         self._admitting: list[RequestState] = []  # out of the queue, being text-encoded
@@ -163,6 +176,8 @@ class Scheduler:
             self.metrics.expired.labels(stage="admission").inc()
             raise DeadlineExceeded(request.request_id, "queued", "the deadline is shorter than the estimated service time")
         state = RequestState(request=request, seq=next(self._seq), arrival=now, deadline=deadline)
+        if request.loras and self.adapters is not None:
+            self.adapters.acquire(request.request_id, request.loras)  # pins; missing adapters load in the background
         self.queue.push(state)
         self._update_gauges()
         self._wakeup.set()
@@ -210,8 +225,9 @@ class Scheduler:
         """Ask the policy, with plain views of the queue and the running set."""
         self.executor.recover_cap()
         now = self._clock()
+        # Requests whose adapters are still loading are not offered: the others go ahead meanwhile.
         waiting = [Waiting(s, s.request, s.seq, s.arrival, s.deadline, self.estimate_service_s(s.request))
-                   for s in self.queue]
+                   for s in self.queue if self._adapters_ready(s)]
         running = [Running(s, s.request, s.seq, s.last_tick, s.arrival,
                            max((sl.total_steps - sl.step_index for sl in s.slots), default=0)) for s in self._running]
         # Step times by size for the fair step order; a size not stepped yet is estimated by the warm-up's step.
@@ -221,9 +237,31 @@ class Scheduler:
                           overhead_s=self.estimates.overhead_s)
         return self.policy.plan(now, waiting, running, context)
 
+    def wake(self) -> None:
+        """Look at the queue again (an adapter finished loading, or a reload). Event-loop thread only."""
+        self.queue.publish_positions()
+        self._wakeup.set()
+
+    def _adapters_ready(self, state: RequestState) -> bool:
+        return not state.request.loras or self.adapters is None or self.adapters.ready(state.request_id)
+
+    def _fail_unloadable(self) -> None:
+        """End the waiting requests whose adapter cannot be had (its load failed, its file went away)."""
+        if self.adapters is None:
+            return
+        for state in self.queue:
+            if state.request.loras and not self.adapters.ready(state.request_id):
+                error = self.adapters.failure(state.request_id)
+                if error is not None:
+                    self.queue.remove(state)
+                    self._finish(state, RequestStatus.FINISHED_FAILED, error)
+                    self.queue.publish_positions()
+                    self._update_gauges()
+
     async def _loop(self) -> None:
         while True:
             try:
+                self._fail_unloadable()
                 self._reap_running()
                 decision = self.plan()
                 if not isinstance(decision, Plan):
@@ -388,6 +426,8 @@ class Scheduler:
         )
         self.estimates.record_overhead(state.encode_s + state.decode_s)
         state.status = RequestStatus.FINISHED_OK
+        if self.adapters is not None:
+            self.adapters.release(state.request_id)
         state.emit(Completed(result=result, elapsed_s=now - state.arrival))
         self._update_gauges()
         self._wakeup.set()
@@ -413,6 +453,8 @@ class Scheduler:
             state.expiry_timer = None
         if state.status.finished:
             return
+        if self.adapters is not None:
+            self.adapters.release(state.request_id)
         state.status = status
         state.emit(error)
         self._wakeup.set()

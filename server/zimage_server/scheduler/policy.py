@@ -67,7 +67,7 @@ class MixPolicy(enum.Enum):
     NEVER = "never"
 
 
-def compat_key(request: GenerationRequest, *, with_steps: bool) -> BatchKey:
+def compat_key(request: GenerationRequest, *, with_steps: bool, split_loras: bool = False) -> BatchKey:
     """What must be equal for requests to share a forward: the one place the policies read it.
 
     Image inputs (issue 15) add one rule: with steps (request mode, where a batch runs to its end
@@ -75,8 +75,10 @@ def compat_key(request: GenerationRequest, *, with_steps: bool) -> BatchKey:
     Without steps (step mode) a request starting at step k is a slot with its own step index and joins
     any running group. ControlNet requests need no rule: the engine runs the ControlNet over the control
     samples of a forward and gives the others zero residuals, which leave them exactly unchanged.
+    LoRA adapters need no rule either (issue 16): each sample of a forward gets its own adapters' deltas;
+    ``split_loras`` (``--split-lora-batches``) puts them back in the key, issue 9's behaviour, for comparison.
     """
-    return request.key(with_steps=with_steps)
+    return request.key(with_steps=with_steps, split_loras=split_loras)
 
 
 def samples(request: GenerationRequest) -> int:
@@ -192,8 +194,8 @@ class RequestModePolicy(Policy):
             return math.inf
         ordered = self.ordered(now, waiting)
         head = ordered[0]
-        key = compat_key(head.request, with_steps=True)
-        compatible = [w for w in ordered if compat_key(w.request, with_steps=True) == key]
+        key = compat_key(head.request, with_steps=True, split_loras=self.config.split_lora_batches)
+        compatible = [w for w in ordered if compat_key(w.request, with_steps=True, split_loras=self.config.split_lora_batches) == key]
         batch = [compatible[i] for i in self.within_cap([w.request for w in compatible], context)]
         images = sum(w.request.num_images for w in batch)
         cap = min(context.cap_images, context.cap_samples or context.cap_images)
@@ -243,10 +245,10 @@ class StepModePolicy(Policy):
 
     def forward(self, running: Sequence[Running], context: Context, now: float = 0.0) -> list[Running]:
         ordered = self.order(now, running, context)
-        first_key = compat_key(ordered[0].request, with_steps=False)
+        first_key = compat_key(ordered[0].request, with_steps=False, split_loras=self.config.split_lora_batches)
         groups: dict[BatchKey, list[Running]] = {}
         for r in ordered:
-            groups.setdefault(compat_key(r.request, with_steps=False), []).append(r)
+            groups.setdefault(compat_key(r.request, with_steps=False, split_loras=self.config.split_lora_batches), []).append(r)
         # Only groups with the same adapters can share a forward (the engine activates one set per forward).
         mixable = [k for k in groups if k.loras == first_key.loras]
         mix = self.should_mix(mixable, context)

@@ -23,6 +23,8 @@ class WaitingQueue:
         self._estimate_s = estimate_s
         self._on_expired = on_expired
         self._states: list[RequestState] = []
+        # Whether a waiting request waits for a LoRA adapter to be loaded (set by the scheduler).
+        self.loading: Callable[[RequestState], bool] = lambda state: False
 
     def __len__(self) -> int:
         return len(self._states)
@@ -54,9 +56,12 @@ class WaitingQueue:
         now = self._clock()
         ordered = self.ordered(now)
         for position, state in enumerate(ordered):
-            if position != state.last_position:
+            loading = self.loading(state)
+            if position != state.last_position or loading != state.last_loading:
                 state.last_position = position
-                state.emit(Queued(position=position, depth=len(ordered), elapsed_s=now - state.arrival))
+                state.last_loading = loading
+                state.emit(Queued(position=position, depth=len(ordered), elapsed_s=now - state.arrival,
+                                  loading_loras=loading))
 
     def _schedule_expiry(self, state: RequestState) -> None:
         if state.deadline is None:

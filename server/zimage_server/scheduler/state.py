@@ -78,6 +78,7 @@ class RequestState:
     expire_requested: bool = False  # cancelled because the client's deadline passed
     first_preview_sent: bool = False
     last_position: int = -1
+    last_loading: bool = False  # the last Queued event said its adapters were loading
     expiry_timer: asyncio.TimerHandle | None = None
     emitting: asyncio.Future[None] | None = None  # the last step event still waiting for its previews
 

@@ -320,7 +320,8 @@ def encode_event(request_id: str, event) -> pb.ProgressEvent:
     """Domain event -> ProgressEvent (Completed is handled by the caller via encode_result)."""
     if isinstance(event, Queued):
         return pb.ProgressEvent(request_id=request_id, elapsed_seconds=event.elapsed_s,
-                                queued=pb.Queued(queue_position=event.position, queue_depth=event.depth))
+                                queued=pb.Queued(queue_position=event.position, queue_depth=event.depth,
+                                                 loading_loras=event.loading_loras))
     if isinstance(event, Started):
         return pb.ProgressEvent(request_id=request_id, elapsed_seconds=event.elapsed_s,
                                 started=pb.Started(batch_size=event.batch_size, queue_seconds=event.queue_s))

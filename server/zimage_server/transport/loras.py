@@ -1,17 +1,17 @@
 """The transport's LoRA catalog over the engine's adapter registry.
 
 Names are read from the registry's snapshot on the event loop (every request checks
-them); a reload runs on the scheduler's engine thread, between two forwards, because
-loading adapters changes the transformer the engine is running.
+them). A reload only rescans the directory (adapters load on first use, on the
+registry's loader thread), so it runs off the event loop but not on the engine thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 from zimage.v1 import zimage_pb2 as pb
 
-from ..scheduler import Scheduler
 from ..types import AdapterInfo, LoraReloadReport
 
 
@@ -27,15 +27,14 @@ class AdapterRegistry(Protocol):
 
 def encode_adapter(info: AdapterInfo) -> pb.LoraInfo:
     return pb.LoraInfo(name=info.name, rank=info.rank, target_modules=list(info.target_modules),
-                       size_bytes=info.size_bytes)
+                       size_bytes=info.size_bytes, resident=info.resident)
 
 
 class EngineLoraCatalog:
     """Implements transport.service.LoraCatalog: ListLoras, ReloadLoras and the NOT_FOUND check."""
 
-    def __init__(self, registry: AdapterRegistry, scheduler: Scheduler):
+    def __init__(self, registry: AdapterRegistry):
         self._registry = registry
-        self._scheduler = scheduler
 
     def names(self) -> frozenset[str]:
         return self._registry.names()
@@ -44,6 +43,6 @@ class EngineLoraCatalog:
         return [encode_adapter(a) for a in self._registry.adapters()]
 
     async def reload(self) -> tuple[list[pb.LoraInfo], list[str]]:
-        """Rescan the directory on the engine thread; returns (loaded adapters, errors of files skipped)."""
-        report: LoraReloadReport = await self._scheduler.run_on_engine(self._registry.reload)
+        """Rescan the directory; returns (available adapters, errors of files skipped)."""
+        report: LoraReloadReport = await asyncio.to_thread(self._registry.reload)
         return [encode_adapter(a) for a in report.adapters], list(report.errors)
