@@ -311,16 +311,22 @@ class StepGate:
         self.engine.fault_hook = None
 
 
-async def test_an_adapter_removed_after_validation_is_not_found_not_internal(make_server, adapters, tmp_path):
-    """A reload between a request's validation and its forwards removes its adapter: the request ends with
-    NOT_FOUND naming the adapter (it was INTERNAL), whether it was still queued or already running."""
+async def test_an_adapter_removed_after_validation_is_kept_for_its_requests_and_not_found_for_new_ones(
+        make_server, adapters, tmp_path):
+    """A reload between a request's validation and its forwards removes its adapter. Issue 16: the
+    requests already queued or running hold (pin) their adapters, so they finish with their images; new
+    requests get NOT_FOUND naming it; and a request whose adapter was removed before it was ever loaded
+    for it ends with NOT_FOUND naming it (issue 18: never INTERNAL)."""
     save_diffusers(tmp_path, "queued", *adapters["alpha"])
     save_diffusers(tmp_path, "running", *adapters["beta"])
-    engine = load_engine(tmp_path)
+    save_diffusers(tmp_path, "never", *adapters["gamma"])
+    engine = load_engine(tmp_path, max_loaded_loras=4, max_loras_per_request=1)
     server = await make_server(engine=engine, max_batch_size=1, batching="request")
     loop = asyncio.get_running_loop()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         stub = pb_grpc.ImageGenerationServiceStub(channel)
+        queued_alone = await image(stub, [("queued", 1.0)], seed=2)
+        running_alone = await image(stub, [("running", 1.0)], seed=3)
         try:
             # Queued: the running request holds the only batch slot while the adapter's file goes away.
             gate = StepGate(engine)
@@ -329,14 +335,14 @@ async def test_an_adapter_removed_after_validation_is_not_found_not_internal(mak
             waiting = asyncio.ensure_future(stub.Generate(request([("queued", 1.0)], seed=2)))
             await asyncio.sleep(0.3)  # validated and queued
             (tmp_path / "queued.safetensors").unlink()
-            reload = asyncio.ensure_future(stub.ReloadLoras(pb.ReloadLorasRequest()))  # runs after this step
+            reload = asyncio.ensure_future(stub.ReloadLoras(pb.ReloadLorasRequest()))
             gate.open()
-            assert [a.name for a in (await reload).loras] == ["running"]
+            assert [a.name for a in (await reload).loras] == ["never", "running"]
             assert len((await first).images) == 1
+            assert (await waiting).images[0].data == queued_alone
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await waiting
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            assert "queued" in info.value.details()
+                await stub.Generate(request([("queued", 1.0)], seed=2))
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND and "queued" in info.value.details()
 
             # Running: its first forward is held while the adapter's file goes away.
             gate = StepGate(engine)
@@ -345,14 +351,28 @@ async def test_an_adapter_removed_after_validation_is_not_found_not_internal(mak
             (tmp_path / "running.safetensors").unlink()
             reload = asyncio.ensure_future(stub.ReloadLoras(pb.ReloadLorasRequest()))
             gate.open()
-            assert [a.name for a in (await reload).loras] == []
+            assert [a.name for a in (await reload).loras] == ["never"]
+            assert (await running).images[0].data == running_alone
+
+            # Never loaded: queued behind a held step, its file goes away before its first load.
+            gate = StepGate(engine)
+            first = asyncio.ensure_future(stub.Generate(request(seed=1)))
+            assert await loop.run_in_executor(None, gate.entered.wait, 30)
+            engine.loras.max_loaded = 0  # (test seam) no room: the load cannot start before the removal
+            waiting = asyncio.ensure_future(stub.Generate(request([("never", 1.0)], seed=4)))
+            await asyncio.sleep(0.3)
+            (tmp_path / "never.safetensors").unlink()
+            await stub.ReloadLoras(pb.ReloadLorasRequest())
+            gate.open()
+            assert len((await first).images) == 1
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await running
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            assert "running" in info.value.details()
+                await waiting
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND and "never" in info.value.details()
         finally:
             engine.fault_hook = None
+            engine.loras.max_loaded = 4
         assert len((await stub.Generate(request(seed=4))).images) == 1  # the server serves on
+    assert engine.loras.resident_names() == set()  # the removed versions were dropped once released
 
 
 async def test_reload_without_a_lora_dir_is_failed_precondition(make_server):
@@ -479,11 +499,10 @@ async def test_cache_loads_on_first_use_evicts_lru_and_loses_no_request(make_ser
         await stub.ReloadLoras(pb.ReloadLorasRequest())
         results = await asyncio.gather(*tasks, return_exceptions=True)
     # Every request ends: with its image, or (a3 only, if its file went away before it was ever loaded for
-    # it) with an error that says so; none waits until its deadline.
+    # it) with NOT_FOUND naming it; none waits until its deadline.
     pairs = list(zip(order, results, strict=True))
     failed = [(n, r) for n, r in pairs if isinstance(r, BaseException)]
-    assert all(n == "a3" and r.code() == grpc.StatusCode.FAILED_PRECONDITION and "removed" in r.details()
-               for n, r in failed), failed
+    assert all(n == "a3" and r.code() == grpc.StatusCode.NOT_FOUND and "a3" in r.details() for n, r in failed), failed
     done = [(n, events) for n, events in pairs if not isinstance(events, BaseException)]
     for n, events in done:
         if n in alone:
