@@ -347,7 +347,7 @@ async def test_disconnect_while_queued_leaves_the_queue_at_once(bridged, session
         second = await session.post(f"{bridge.url}/v1/stream", json={"prompt": "second", "steps": 2})
         async for name, _, data in sse_events(second):
             assert name == "queued"
-            assert data["queued"] == {"queuePosition": 0, "queueDepth": 1}
+            assert data["queued"] == {"queuePosition": 0, "queueDepth": 1, "loadingLoras": False}
             break
         second.close()
         # Leaves the queue without the running batch having to move.

@@ -76,7 +76,10 @@ def server():
         process = subprocess.Popen(
             [sys.executable, "-m", "zimage_server.cli", "--model", "tiny", "--host", "127.0.0.1", "--port", "0",
              "--http-host", "127.0.0.1", "--http-port", str(http_port), "--metrics-host", "127.0.0.1",
-             "--metrics-port", str(metrics_port), "--max-batch-size", "1", "--max-steps", "200", "--drain-timeout-s", "2"],
+             "--metrics-port", str(metrics_port), "--max-batch-size", "1", "--max-steps", "200", "--drain-timeout-s", "2",
+             # The queue test keeps the engine busy with a long request; its deadline must not refuse it
+             # at admission on a slow (shared) CPU, where 200 steps at 1024² can exceed the 300 s default.
+             "--default-timeout-ms", "3600000"],
             stdout=log_file, stderr=subprocess.STDOUT, cwd=ROOT,
         )
     base = f"http://127.0.0.1:{http_port}"
