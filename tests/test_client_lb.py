@@ -68,7 +68,10 @@ def test_round_robin_and_retry_when_one_server_stops():
         targets = [f"127.0.0.1:{p}" for p in ports]
         outcomes: collections.Counter[str] = collections.Counter()
         seen_seeds: dict[int, np.ndarray] = {}
-        with ZImageClient(targets, retries=6, backoff_s=0.1) as client:
+        # The retry budget (~20 s of backoff) outlasts the stopped replica's drain window (--drain-timeout-s 5),
+        # during which it answers UNAVAILABLE while round-robin still picks it: a shorter budget can run out
+        # while every retry of one request happens to land there.
+        with ZImageClient(targets, retries=10, backoff_s=0.1) as client:
             # Round-robin: six sequential requests, three on each replica (their own counters say so).
             for i in range(6):
                 client.generate(f"warm {i}", width=64, height=64, steps=2, seed=i)

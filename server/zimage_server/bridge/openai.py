@@ -1,5 +1,8 @@
 """The OpenAI-compatible Images API on the HTTP listener, so an OpenAI SDK works with a ``base_url`` change.
 
+Size: over ~400 lines because it holds the whole OpenAI wire contract (parsing, SSE events, error
+objects, routes) in one file a reader can check against the SDK; multipart parsing is in openai_forms.py.
+
 Routes (wire format of the official ``openai`` SDKs, checked against openai-python 3.57):
 
 - ``POST /v1/images/generations`` (JSON) -> ``{created, data: [{b64_json, seed}], size, output_format, usage}``;

@@ -1,5 +1,8 @@
 """Acceleration options: quantization, torch.compile, attention backend, offload.
 
+Size: over ~400 lines because each back end (torchao, optimum-quanto, compile, attention, offload)
+keeps its checks next to its application; splitting them would separate a rule from the code it guards.
+
 Everything here runs once, at load time. Combinations that cannot work fail in
 ``check_combination`` with a ConfigError that says what to do instead, before any
 weights are built; nothing falls back silently.

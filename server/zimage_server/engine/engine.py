@@ -1,5 +1,8 @@
 """The engine: Z-Image's denoising loop, one batched step at a time.
 
+Size: over ~400 lines because the denoising math of every mode (text-to-image, image-to-image,
+inpainting, ControlNet) must stay side by side to be compared with diffusers' pipelines line by line.
+
 Synchronous and torch-only; the scheduler calls it from a single engine
 thread. The interface is narrow so the scheduler can be tested with a fake:
 

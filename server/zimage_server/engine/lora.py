@@ -1,5 +1,8 @@
 """LoRA adapters: a catalogue in ``--lora-dir``, an LRU cache of resident adapters, mixed-adapter forwards.
 
+Size: over ~400 lines because the adapter catalogue, the LRU cache with pins and the mixed-forward
+wrapper share one lifecycle (load, pin, evict, slot) that is easier to verify in one file.
+
 Every ``*.safetensors`` file in the directory is one adapter, named by its file stem. diffusers'
 ``ZImageLoraLoaderMixin.lora_state_dict`` reads and converts it (diffusers/PEFT keys, the
 ``diffusion_model.`` prefix, kohya ``lora_down``/``lora_up`` + ``.alpha``, ``default.`` keys, the dotted

@@ -1,5 +1,8 @@
 """The scheduler: decide (policy.py), then act (executor.py), then apply the outcome to requests.
 
+Size: over ~400 lines because it is the one place that applies plans to request states (admit,
+forward, finish, fail, drain); the decisions themselves live in policy.py, queue.py and executor.py.
+
 Pure asyncio (no torch, no grpc). Each turn of the loop, in the shape of vLLM v1's
 ``schedule -> execute -> update``:
 
