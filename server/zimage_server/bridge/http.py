@@ -165,6 +165,15 @@ class SseStream:
         lines.append("data: " + json.dumps(data, separators=(",", ":"), ensure_ascii=False))
         await self._write("\n".join(lines) + "\n\n")
 
+    async def keep_alive(self, interval_s: float) -> None:
+        """A comment every ``interval_s`` keeps idle proxies from closing a stream that waits (clients skip comments)."""
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                await self.comment("keep-alive")
+        except ConnectionResetError:
+            return  # the handler sees the disconnect too (it is cancelled)
+
     async def comment(self, text: str) -> None:
         await self._write(f": {text}\n\n")
 
@@ -277,7 +286,7 @@ class Bridge:
                 call.submit(await self._decode(request, rpc))
                 await response.prepare(request)
                 sse = SseStream(response)
-                heartbeat = asyncio.create_task(self._heartbeat(sse))
+                heartbeat = asyncio.create_task(sse.keep_alive(self._heartbeat_s))
                 try:
                     n = 0
                     async for event in call.events():
@@ -297,12 +306,3 @@ class Bridge:
             if heartbeat is not None:
                 heartbeat.cancel()
         return response
-
-    async def _heartbeat(self, sse: SseStream) -> None:
-        """A comment line every heartbeat_s keeps idle proxies from closing a stream that waits in the queue."""
-        try:
-            while True:
-                await asyncio.sleep(self._heartbeat_s)
-                await sse.comment("keep-alive")
-        except ConnectionResetError:
-            return  # the handler sees the disconnect too (it is cancelled)

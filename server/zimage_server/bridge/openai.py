@@ -495,7 +495,7 @@ class OpenAIRoutes:
         partial_index = {step: i for i, step in enumerate(sorted(domain.preview.at_steps))} if domain.preview else {}
         await response.prepare(request)
         sse = SseStream(response)
-        heartbeat = asyncio.create_task(self._heartbeat(sse))
+        heartbeat = asyncio.create_task(sse.keep_alive(self._heartbeat_s))
         try:
             async for event in call.events():
                 now = int(self._wall_clock())
@@ -514,15 +514,6 @@ class OpenAIRoutes:
             raise
         finally:
             heartbeat.cancel()
-
-    async def _heartbeat(self, sse: SseStream) -> None:
-        """A comment every heartbeat_s while a request waits, so idle proxies keep the stream (SDKs skip comments)."""
-        try:
-            while True:
-                await asyncio.sleep(self._heartbeat_s)
-                await sse.comment("keep-alive")
-        except ConnectionResetError:
-            return  # the handler sees the disconnect too (it is cancelled)
 
     async def models(self, request: web.Request) -> web.Response:
         """GET /v1/models: the loaded model, then its LoRA adapters (each with ``parent`` = the model)."""
