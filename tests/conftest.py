@@ -85,6 +85,7 @@ async def make_server(tiny_engine):
     for server in servers:
         await server.stop(0)
     tiny_engine.fault_hook = None
+    tiny_engine.packed_forwards = False  # a --mix-resolutions packed server turned it on
 
 
 @pytest.fixture(scope="session")

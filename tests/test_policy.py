@@ -147,6 +147,46 @@ def test_step_mode_respects_the_token_budget(order):
 
 
 @pytest.mark.parametrize("order", ORDERS)
+def test_packed_forwards_let_mixed_sizes_share_a_step_within_the_summed_token_budget(order):
+    # --mix-resolutions packed (issue 19): sizes share one forward whatever the warm-up table says, and a
+    # forward costs the sum of its samples' own tokens: 32 + 16 = 48 fits a budget of 60 (padded: 64 does not).
+    packed = step_policy(order, max_tokens_per_step=60, mix_resolutions="packed")
+    plan = packed.plan(0.0, [waiting("new", seq=2, w=64, h=128)], [running("big", 1, w=128), running("small", 1, seq=1)],
+                       CTX)
+    assert plan.admit == ("new",)
+    # Whichever 32-token request leads (per order), "small" joins it; a third would make 80 tokens > 60.
+    assert len(plan.forward) == 2 and "small" in plan.forward, plan
+    unbounded = step_policy(order, mix_resolutions="packed")
+    assert set(unbounded.plan(0.0, [], [running("big", 1, w=128), running("small", 1, seq=1),
+                                        running("cfg", 1, seq=2, w=64, h=192, guidance=4.0)], CTX).forward) == {
+        "big", "small", "cfg"}
+    # The sample caps still hold: a CFG image is two samples.
+    capped = Context(cap_images=4, cap_samples=2)
+    assert len(unbounded.plan(0.0, [], [running("big", 1, w=128), running("small", 1, seq=1)], capped).forward) == 2
+    assert len(unbounded.plan(0.0, [], [running("cfg", 1, guidance=4.0), running("big", 1, seq=1, w=128)],
+                              capped).forward) == 1
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_packed_forwards_keep_requests_with_adapters_in_their_own_size(order):
+    # The engine runs forwards with LoRA adapters padded (engine/packed.py), so the policy does not mix their sizes.
+    from zimage_server.types import LoraRef
+
+    lora = (LoraRef(name="style", scale=1.0),)
+    styled = Running("styled", dataclasses.replace(req("styled", w=128), loras=lora), 0, last_tick=0)
+    plain = running("plain", 1, seq=1)
+    policy = step_policy(order, mix_resolutions="packed")
+    assert policy.plan(0.0, [], [styled, plain], CTX).forward in (("styled",), ("plain",))
+    same = Running("same", dataclasses.replace(req("same", w=128), loras=lora), 2, last_tick=0)
+    forward = policy.plan(0.0, [], [styled, same, plain], CTX).forward
+    assert set(forward) in ({"styled", "same"}, {"plain"})
+    # A lead without adapters packs every size, less the requests with adapters (even of its own size); a lead
+    # with adapters takes its own size only (one padded forward without image padding).
+    wide = running("wide", 0, seq=3, w=128)
+    assert set(policy.plan(0.0, [], [wide, styled, plain], CTX).forward) in ({"wide", "plain"}, {"styled", "wide"})
+
+
+@pytest.mark.parametrize("order", ORDERS)
 def test_step_mode_never_lets_a_smaller_request_overtake_the_head(order):
     policy = step_policy(order)
     queue = [waiting("head", seq=1, n=2), waiting("small", seq=2, n=1)]

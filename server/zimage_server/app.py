@@ -199,6 +199,8 @@ class ZImageServer:
             # Compilation happens at load (pre-warm of every block variant) and at the warm-up's first shapes.
             self.metrics.compile.set(desc.compile_s + warm_s)
         self._warm_step_s = getattr(self.engine, "last_step_s", 0.0)
+        # Set on every start: tests share one engine between servers of different configurations.
+        self.engine.packed_forwards = self.config.scheduler.mix_resolutions == "packed"
         if self.config.scheduler.batching == "step" and self.config.scheduler.mix_resolutions == "auto":
             self._mix_table = self.engine.calibrate_mixing(sizes) if len(sizes) > 1 else {}
         accel.log_compile_cache(self.config.engine, cache_before, cache_had_entries)  # load's compile and the warm-up's

@@ -77,7 +77,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("--default-timeout-ms", "scheduler", "default_timeout_ms", "int", "request timeout; requests may lower it"),
     Option("--priority-aging-s", "scheduler", "priority_aging_s", "float", "seconds of waiting worth one priority level"),
     Option("--max-tokens-per-step", "scheduler", "max_tokens_per_step", "int", "step mode: image tokens per forward (0: no limit)"),
-    Option("--mix-resolutions", "scheduler", "mix_resolutions", "str", "step mode: auto | always | never"),
+    Option("--mix-resolutions", "scheduler", "mix_resolutions", "str", "step mode: auto | always | never | packed (sizes share padding-free forwards)"),
     Option("--step-policy", "scheduler", "step_policy", "str", "step mode: interleave | age | fair (lead of each forward)"),
     Option("--slo-factor", "scheduler", "slo_factor", "float", "fair step policy: latency target = factor x service time alone"),
     Option("--host", "server", "host", "str", "gRPC bind address"),

@@ -88,7 +88,7 @@ class SchedulerConfig:
     default_timeout_ms: int = 300_000
     priority_aging_s: float = 10.0
     max_tokens_per_step: int = 0  # 0: no token budget
-    mix_resolutions: str = "auto"  # auto | always | never
+    mix_resolutions: str = "auto"  # auto | always | never (padded forwards) | packed (padding-free, issue 19)
     step_policy: str = "interleave"  # interleave | age | fair: which request leads each step-mode forward
     slo_factor: float = 4.0  # fair step policy: latency target = this x the request's service time alone
 
@@ -114,8 +114,8 @@ class SchedulerConfig:
             raise ConfigError(f"--step-policy must be interleave, age or fair (got {self.step_policy!r})")
         if self.slo_factor < 1:
             raise ConfigError("--slo-factor must be >= 1 (a target shorter than the service time alone is always missed)")
-        if self.mix_resolutions not in ("auto", "always", "never"):
-            raise ConfigError("--mix-resolutions must be auto, always or never")
+        if self.mix_resolutions not in ("auto", "always", "never", "packed"):
+            raise ConfigError("--mix-resolutions must be auto, always, never or packed")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,7 @@ from ..types import GenerationRequest, ImageFormat, LoraRef
 from . import accel
 from .lora import AdapterNotLoaded, LoraRegistry
 from . import checkpoints
+from .packed import needs_padding, packed_forward
 from .presets import PRESETS, build_preset_controlnet
 from .previews import LatentPreviewer
 
@@ -153,6 +154,10 @@ class ZImageEngine:
         self.fault_hook: FaultHook | None = None
         self.forward_count = 0
         self.last_step_s = 0.0
+        # --mix-resolutions packed (set by the composition root): forwards whose samples diffusers would pad
+        # run padding-free (engine.packed); packed_forward_count counts them (tests, logs).
+        self.packed_forwards = False
+        self.packed_forward_count = 0
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -432,7 +437,10 @@ class ZImageEngine:
         caps = [s.prompt_embeds for s in positives] + [s.negative_embeds for s in guided]
         try:
             hints = self._control_hints(positives + guided, x, t, caps)
-            if hints is None:
+            if self.use_packed(positives + guided, x, caps):
+                out = packed_forward(self.transformer, x, t, caps, controlnet_block_samples=hints)
+                self.packed_forward_count += 1
+            elif hints is None:
                 out = self.transformer(x, t, caps, return_dict=False)[0]
             else:
                 out = self.transformer(x, t, caps, controlnet_block_samples=hints, return_dict=False)[0]
@@ -459,6 +467,12 @@ class ZImageEngine:
                 _blend_inpaint(slot)
             previews.append(preview)
         return previews
+
+    def use_packed(self, rows: Sequence[Slot], x: Sequence[torch.Tensor], caps: Sequence[torch.Tensor]) -> bool:
+        """Whether this forward runs packed: packing is on, diffusers would pad (the samples' sequences differ
+        in length; same-length batches are already padding-free) and no row has LoRA adapters (the adapter
+        wrappers select by row = sample, and a packed sequence is one row: those forwards stay padded)."""
+        return self.packed_forwards and not any(s.loras for s in rows) and needs_padding(x, caps)
 
     def plan_loras(self, rows: Sequence[Slot]) -> int:
         """Tell the adapter wrappers which adapters each row of the next forward uses; returns how many

@@ -19,7 +19,8 @@ One class per ``BatchingMode``:
   request behind it (so large requests cannot starve); a request larger than the cap runs once
   nothing else does. Each forward takes the *lead* request's group (same ``compat_key`` without
   steps), plus the other groups when mixing resolutions pays (mix policy, measured table), within
-  ``max_tokens_per_step``. The lead is chosen by the step order (``--step-policy``, ``StepOrder``):
+  ``max_tokens_per_step`` (padded tokens, or with ``--mix-resolutions packed`` the sum of the samples'
+  own tokens: the compatibility key then effectively drops the latent size). The lead is chosen by the step order (``--step-policy``, ``StepOrder``):
   ``interleave`` the least recently stepped request (groups take turns step by step: processor
   sharing); ``age`` the oldest (a group runs until its oldest request is done, newcomers still join
   its forwards); ``fair`` least slack first: each request's latency target is ``slo_factor`` times
@@ -60,11 +61,14 @@ class StepOrder(enum.Enum):
 
 
 class MixPolicy(enum.Enum):
-    """``--mix-resolutions``: whether different resolutions may share one padded forward."""
+    """``--mix-resolutions``: whether (and how) different resolutions share one forward. ``always`` / ``auto``
+    (when the warm-up measured it pays): diffusers' padded forward; ``packed``: the engine's padding-free
+    packed forward (engine/packed.py), so any sizes share a forward at the cost of their own tokens."""
 
     AUTO = "auto"
     ALWAYS = "always"
     NEVER = "never"
+    PACKED = "packed"
 
 
 def compat_key(request: GenerationRequest, *, with_steps: bool, split_loras: bool = False) -> BatchKey:
@@ -252,15 +256,26 @@ class StepModePolicy(Policy):
         # Only groups with the same adapters can share a forward (the engine activates one set per forward).
         mixable = [k for k in groups if k.loras == first_key.loras]
         mix = self.should_mix(mixable, context)
+        packed = mix and MixPolicy(self.config.mix_resolutions) is MixPolicy.PACKED
         candidates = list(groups[first_key])
-        if mix:
+        if packed:
+            # The engine runs forwards with LoRA adapters padded (engine/packed.py): a lead with adapters keeps
+            # its forward to its own size; a lead without takes every size, less the requests with adapters.
+            if ordered[0].request.loras:
+                mix = False
+            else:
+                candidates = [r for r in ordered if not r.request.loras and
+                              compat_key(r.request, with_steps=False, split_loras=self.config.split_lora_batches).loras
+                              == first_key.loras]
+        elif mix:
             for key in mixable:
                 if key != first_key:
                     candidates.extend(groups[key])
         budget = self.config.max_tokens_per_step
+        padded = mix and not packed
         chosen: list[Running] = []
         for r in candidates:
-            if chosen and budget and self.forward_tokens([c.request for c in chosen + [r]], padded=mix) > budget:
+            if chosen and budget and self.forward_tokens([c.request for c in chosen + [r]], padded=padded) > budget:
                 continue
             chosen.append(r)
         return [chosen[i] for i in self.within_cap([r.request for r in chosen], context)]
@@ -292,11 +307,11 @@ class StepModePolicy(Policy):
         return max(per_sample) * len(per_sample) if padded else sum(per_sample)
 
     def should_mix(self, keys: Sequence[BatchKey], context: Context) -> bool:
-        """Whether groups of different resolutions share one padded forward."""
+        """Whether groups of different resolutions share one forward (padded, or packed)."""
         mode = MixPolicy(self.config.mix_resolutions)
         if len(keys) < 2 or mode is MixPolicy.NEVER:
             return False
-        if mode is MixPolicy.ALWAYS:
+        if mode in (MixPolicy.ALWAYS, MixPolicy.PACKED):
             return True
         tokens = frozenset(k.tokens for k in keys)
         if tokens in context.mix_table:
