@@ -8,8 +8,10 @@ every attention and feed-forward projection of every block, as community Z-Image
    drift hits them alike:
 
    - ``base``: no adapter at all (the floor);
-   - ``grouped``: the server's ``MixedLoraLinear`` (base matmul once, then one low-rank pair per
-     adapter on its rows);
+   - ``grouped``: the server's ``MixedLoraLinear`` (base matmul once, then the deltas: at
+     ``GATHER_MIN_ADAPTERS`` or more adapters with one per sample, the adapters stacked once per mix and
+     two batched matmuls over all rows; below, one low-rank pair per adapter on its rows);
+   - ``loop``: the same wrapper forced to one low-rank pair per adapter (the stacked path off);
    - ``slots``: the ``--compile`` formulation (fixed-shape gather + batched matmuls), run eagerly;
    - ``peft``: the same files loaded by diffusers' ``load_lora_weights`` (PEFT LoRA layers) and PEFT's
      mixed-batch path: ``adapter_names`` (one per sample) passed to every LoRA layer by a forward
@@ -54,6 +56,7 @@ from zimage_client import build_request
 from zimage_server.app import ZImageServer
 from zimage_server.config import EngineConfig, SchedulerConfig, ServerConfig
 from zimage_server.engine.engine import ZImageEngine
+from zimage_server.engine import lora
 from zimage_server.engine.lora import LoraRegistry
 from zimage_server.types import GenerationRequest, ImageFormat, LoraRef
 
@@ -163,7 +166,14 @@ def measure_forward(preset: str, directory: pathlib.Path, names: list[str], ks: 
             assert effect > 1e-3, f"the adapters changed nothing ({effect})"
             diff = max(float((p - q).abs().max()) for p, q in zip(a, b, strict=True))
             diff_slots = max(float((p - q).abs().max()) for p, q in zip(a, c, strict=True))
-            setups = {"base": run_base, "grouped": run_ours, "slots": lambda: run_ours(slots_engine),
+            def run_loop():  # grouped mode without the stacked path: one matmul pair per adapter
+                saved, lora.GATHER_MIN_ADAPTERS = lora.GATHER_MIN_ADAPTERS, 10**9
+                try:
+                    return run_ours(grouped)
+                finally:
+                    lora.GATHER_MIN_ADAPTERS = saved
+
+            setups = {"base": run_base, "grouped": run_ours, "loop": run_loop, "slots": lambda: run_ours(slots_engine),
                       "peft": run_peft, "peft-split": run_peft_split}
             times: dict[str, list[float]] = {n: [] for n in setups}
             for _ in range(repeats):

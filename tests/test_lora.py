@@ -423,6 +423,34 @@ def test_mixed_forward_equals_each_alone_and_leaves_base_weights_untouched(lora_
     assert all(torch.equal(p, base_weights[n]) for n, p in lora_engine.transformer.named_parameters())
 
 
+def test_many_adapters_take_the_stacked_path_with_the_same_latents(lora_engine, monkeypatch):
+    """At GATHER_MIN_ADAPTERS distinct adapters with one per sample the wrappers stack the adapters and run
+    batched matmuls over all rows: same latents as each request alone and as the per-adapter loop, with a
+    row without adapter, one at scale 0 and one negative, with and without CFG."""
+    from zimage_server.engine import lora
+    from zimage_server.types import LoraRef
+
+    sets = [[("alpha", 1.0)], (), [("beta", 0.5)], [("alpha-kohya", 0.7)], [("beta.comfy", -1.0)], [("alpha", 0.0)],
+            [("alpha", 1.0)]]
+    registry = lora_engine.loras
+    assert registry.plan([(f"r{i}", tuple(LoraRef(n, x) for n, x in s)) for i, s in enumerate(sets)]) == 4
+    try:
+        gathered = registry._holder.plan.gathered
+        assert gathered is not None and len(gathered.keys) == 4 and gathered.scale.tolist()[1] == 0.0
+    finally:
+        registry.clear_plan()
+    for guidance in (0.0, 4.0):
+        stacked = run_many(lora_engine, sets, guidance)
+        with monkeypatch.context() as m:
+            m.setattr(lora, "GATHER_MIN_ADAPTERS", 10**6)
+            loop = run_many(lora_engine, sets, guidance)
+        alone = [run_many(lora_engine, [s], guidance)[0] for s in sets]
+        for s, a, l in zip(stacked, alone, loop, strict=True):
+            assert torch.allclose(s, a, atol=1e-4), float((s - a).abs().max())
+            assert torch.allclose(s, l, atol=1e-5), float((s - l).abs().max())
+        assert torch.allclose(stacked[5], stacked[1], atol=1e-5)  # scale 0: the base latents
+
+
 def test_grouped_deltas_equal_diffusers_peft_loading(lora_engine, lora_dir):
     """The same adapters loaded by diffusers (``load_lora_weights`` + ``set_adapters``: PEFT's LoRA layers)
     give the same latents as the mixed-forward wrappers."""

@@ -26,8 +26,12 @@ are tokens of every sample at once, so it cannot be selected per sample).
 
 Two ways to compute the deltas, picked by ``fixed_graph`` (``--compile``):
 
-- grouped (eager): a Python loop over the adapters present in the forward, each on its rows
-  (``index_select`` / ``index_add``). Shapes follow the mix, which is fine eagerly.
+- grouped (eager): a Python loop over the adapters present in the forward, each on its runs of rows
+  (views + in-place ``addmm_``). Shapes follow the mix, which is fine eagerly. With many adapters each on
+  few rows (``GATHER_MIN_ADAPTERS`` or more, one adapter per sample) the per-adapter calls dominate, so the
+  wrapper instead stacks the mix's adapters once (cached while the mix repeats, as it does across the
+  steps of a step batch) and runs two batched matmuls over all rows, gathered by sample: 8 samples over
+  8 adapters cost what one adapter costs (docs/lora.md).
 - slots (compiled): each wrapper owns fixed-shape buffers ``A[slots, r_max, in]``, ``B[slots, out, r_max]``;
   a resident adapter occupies one slot (zero-padded to ``r_max``; layers it does not target stay zero).
   The plan is two tensors, slot index and scale per (sample, adapter position), shape
@@ -74,6 +78,9 @@ SUFFIX = ".safetensors"
 _BLOCK_PREFIX = re.compile(r"^[A-Za-z_]+\.\d+\.")
 # Modules whose input has no per-sample axis (the concatenated tokens of all samples): never wrapped.
 _TOKEN_MAJOR = ("all_x_embedder.", "cap_embedder.", "siglip_embedder.", "siglip_refiner.")
+# Grouped mode switches from one matmul pair per adapter to stacked batched matmuls at this many distinct
+# adapters in a forward (each row with at most one): measured on the tiny preset, see docs/lora.md.
+GATHER_MIN_ADAPTERS = 3
 MAX_ROWS = 512  # samples per forward the compiled (slots) plan holds: far above any batch cap
 
 
@@ -175,17 +182,29 @@ class Group:
 
 
 @dataclasses.dataclass(frozen=True)
+class Gathered:
+    """Rows of one forward that each use one adapter, for a batched delta: every wrapper stacks the
+    adapters' A and B once per mix (``keys``) and runs two ``bmm`` over all rows, instead of two small
+    matmuls per adapter. Chosen when many adapters each have few rows (see ``GATHER_MIN_ADAPTERS``)."""
+
+    keys: tuple[int, ...]  # the distinct adapters, in stacking order
+    position: torch.Tensor  # [rows] long: row i uses keys[position[i]]
+    scale: torch.Tensor  # [rows] float: row i's request scale (0 for a row without adapter)
+
+
+@dataclasses.dataclass(frozen=True)
 class ForwardPlan:
     """Per-sample adapters of one forward, as the wrappers read it."""
 
     rows: int  # samples in the forward (dim 0 of every wrapped layer's input)
     groups: tuple[Group, ...] = ()  # grouped mode
+    gathered: Gathered | None = None  # grouped mode, many adapters with one per row
     slot_index: torch.Tensor | None = None  # slots mode: [rows, k] long
     slot_scale: torch.Tensor | None = None  # slots mode: [rows, k] float
 
     @property
     def empty(self) -> bool:
-        return not self.groups and self.slot_index is None
+        return not self.groups and self.gathered is None and self.slot_index is None
 
 
 class PlanHolder:
@@ -204,6 +223,9 @@ class MixedLoraLinear(torch.nn.Module):
         self.path = path
         self.holder = holder
         self.deltas: dict[int, LayerDelta] = {}  # grouped mode: resident adapter id -> its delta here
+        # gathered plans: the stacked deltas of the last mix (adapter ids are never reused: no staleness)
+        self._stack_keys: tuple[int, ...] | None = None
+        self._stack: tuple[torch.Tensor, torch.Tensor] | None = None
         # slots mode: fixed-shape buffers (plain attributes, not registered buffers: not part of state_dict)
         self.slot_a: torch.Tensor | None = None  # [slots, r_max, in]
         self.slot_b: torch.Tensor | None = None  # [slots, out, r_max]
@@ -223,6 +245,8 @@ class MixedLoraLinear(torch.nn.Module):
             return y + self._slots_delta(x, plan).to(y.dtype)
         if not y.is_contiguous():
             y = y.contiguous()
+        if plan.gathered is not None:
+            return self._gathered_delta(x, y, plan.gathered)
         width = y.shape[-1]
         for group in plan.groups:
             delta = self.deltas.get(group.key)
@@ -236,6 +260,45 @@ class MixedLoraLinear(torch.nn.Module):
                     ys.addmm_(h, delta.b.t(), alpha=scale * delta.scaling)
                 else:
                     ys += (F.linear(h, delta.b) * (scale * delta.scaling)).to(ys.dtype)
+        return y
+
+    def _stacked(self, keys: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A [K, r, in] and B * scaling [K, out, r] of ``keys`` here (zero for an adapter that does not
+        target this layer, zero-padded to the largest rank), cached for the last mix: consecutive forwards
+        of a step batch usually repeat it. None when no adapter of the mix targets this layer."""
+        if self._stack_keys == keys:
+            return self._stack
+        deltas = [self.deltas.get(k) for k in keys]
+        present = [d for d in deltas if d is not None]
+        if not present:
+            stack = None
+        else:
+            r = max(d.a.shape[0] for d in present)
+            first = present[0]
+            a = first.a.new_zeros(len(keys), r, first.a.shape[1])
+            b = first.b.new_zeros(len(keys), first.b.shape[0], r)
+            for i, d in enumerate(deltas):
+                if d is not None:
+                    a[i, : d.a.shape[0]] = d.a
+                    b[i, :, : d.a.shape[0]] = d.b * d.scaling
+            stack = (a, b)
+        self._stack_keys, self._stack = keys, stack
+        return stack
+
+    def _gathered_delta(self, x: torch.Tensor, y: torch.Tensor, gathered: Gathered) -> torch.Tensor:
+        stack = self._stacked(gathered.keys)
+        if stack is None:
+            return y
+        a, b = stack
+        n = x.shape[0]
+        flat = x.reshape(n, -1, x.shape[-1]).to(a.dtype)  # [n, tokens, in]
+        h = torch.bmm(flat, a[gathered.position].transpose(1, 2))  # [n, tokens, r]
+        h = h * gathered.scale.to(h.dtype)[:, None, None]
+        ys = y.view(n, -1, y.shape[-1])
+        if ys.dtype == b.dtype:
+            ys.baddbmm_(h, b[gathered.position].transpose(1, 2))
+        else:
+            ys += torch.bmm(h, b[gathered.position].transpose(1, 2)).to(ys.dtype)
         return y
 
     def _slots_delta(self, x: torch.Tensor, plan: ForwardPlan) -> torch.Tensor:
@@ -655,6 +718,13 @@ class LoraRegistry:
             self._write_slots(keys_by_row)
         elif not distinct:
             self._holder.plan = None
+        elif len(distinct) >= GATHER_MIN_ADAPTERS and all(len(row) <= 1 for row in keys_by_row):
+            keys = tuple(sorted(distinct))
+            where = {k: i for i, k in enumerate(keys)}
+            position = torch.tensor([where[row[0][0]] if row else 0 for row in keys_by_row], dtype=torch.long)
+            scale = torch.tensor([row[0][1] if row else 0.0 for row in keys_by_row], dtype=torch.float32)
+            self._holder.plan = ForwardPlan(rows=len(rows), gathered=Gathered(keys, position.to(self._device),
+                                                                             scale.to(self._device)))
         else:
             groups = []
             for key in sorted(distinct):
