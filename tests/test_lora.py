@@ -436,7 +436,7 @@ def test_many_adapters_take_the_stacked_path_with_the_same_latents(lora_engine, 
     assert registry.plan([(f"r{i}", tuple(LoraRef(n, x) for n, x in s)) for i, s in enumerate(sets)]) == 4
     try:
         gathered = registry._holder.plan.gathered
-        assert gathered is not None and len(gathered.keys) == 4 and gathered.scale.tolist()[1] == 0.0
+        assert gathered is not None and len(gathered.keys) >= 4 and gathered.scale.tolist()[1] == 0.0
     finally:
         registry.clear_plan()
     for guidance in (0.0, 4.0):

@@ -264,8 +264,8 @@ class MixedLoraLinear(torch.nn.Module):
 
     def _stacked(self, keys: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """A [K, r, in] and B * scaling [K, out, r] of ``keys`` here (zero for an adapter that does not
-        target this layer, zero-padded to the largest rank), cached for the last mix: consecutive forwards
-        of a step batch usually repeat it. None when no adapter of the mix targets this layer."""
+        target this layer or is no longer resident, zero-padded to the largest rank), cached for the last
+        ``keys`` (the registry keeps them while forwards use a subset). None when none targets this layer."""
         if self._stack_keys == keys:
             return self._stack
         deltas = [self.deltas.get(k) for k in keys]
@@ -394,6 +394,9 @@ class LoraRegistry:
         self.observer = observer or LoraObserver()
         self.on_ready: Callable[[], None] | None = None
         self._holder = PlanHolder()
+        # The adapters the wrappers have stacked (gathered plans): kept while each forward's mix is a subset
+        # of it, so a step batch whose requests come and go does not restack every wrapper at each change.
+        self._stack_keys: tuple[int, ...] = ()
         self._wrappers = _wrap(transformer, self._holder)
         self._shapes = {p: (w.base.in_features, w.base.out_features) for p, w in self._wrappers.items()}
         param = next(transformer.parameters())
@@ -719,7 +722,9 @@ class LoraRegistry:
         elif not distinct:
             self._holder.plan = None
         elif len(distinct) >= GATHER_MIN_ADAPTERS and all(len(row) <= 1 for row in keys_by_row):
-            keys = tuple(sorted(distinct))
+            if not distinct <= set(self._stack_keys):
+                self._stack_keys = tuple(sorted(distinct))
+            keys = self._stack_keys
             where = {k: i for i, k in enumerate(keys)}
             position = torch.tensor([where[row[0][0]] if row else 0 for row in keys_by_row], dtype=torch.long)
             scale = torch.tensor([row[0][1] if row else 0.0 for row in keys_by_row], dtype=torch.float32)
