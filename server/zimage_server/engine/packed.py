@@ -9,7 +9,7 @@ copied) over every sample's tokens concatenated along the sequence, [1, sum of l
   tokens, exactly as it would per sample;
 - what depends on the sample is applied per segment: RoPE frequencies come from each sample's own
   position ids (diffusers' ``patchify_and_embed``), the timestep modulation (adaLN scale/gate, final
-  layer scale) is computed per sample and expanded to its tokens, and attention runs per sample (one
+  layer scale) is computed per sample and applied to its tokens, and attention runs per sample (one
   ``dispatch_attention_fn`` call per segment: exact, and the simplest thing on a CPU; on a GPU the same
   segments are what FlexAttention document masks or varlen flash attention (``cu_seqlens``) take in one
   kernel, which is the path there);
@@ -37,14 +37,10 @@ class Segments:
     """Where each sample's tokens lie in a packed sequence: ``lengths[i]`` tokens of sample i, in order."""
 
     lengths: tuple[int, ...]
-    owner: torch.Tensor  # [tokens] int64: the sample each token belongs to (to expand per-sample values)
 
     @classmethod
-    def of(cls, lengths: Sequence[int], device: torch.device) -> Segments:
-        lengths = tuple(int(n) for n in lengths)
-        owner = torch.repeat_interleave(torch.arange(len(lengths), device=device),
-                                        torch.tensor(lengths, device=device))
-        return cls(lengths, owner)
+    def of(cls, lengths: Sequence[int]) -> Segments:
+        return cls(tuple(int(n) for n in lengths))
 
 
 def unified_lengths(x: Sequence[torch.Tensor], cap_feats: Sequence[torch.Tensor], patch_size: int = 2,
@@ -100,17 +96,27 @@ def _rotary(x_in: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         return torch.view_as_real(x * freqs.unsqueeze(2)).flatten(3).type_as(x_in)
 
 
+def _scaled(x: torch.Tensor, rows: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """``x * rows[sample]`` token by token: each segment times its sample's [dim] row, broadcast as diffusers'
+    [batch, 1, dim] modulation is (no [tokens, dim] copy of the rows; measured 2x cheaper than a gathered one)."""
+    out = torch.empty_like(x)
+    for o, xs, row in zip(out.split(segments.lengths, dim=1), x.split(segments.lengths, dim=1), rows, strict=True):
+        torch.mul(xs, row, out=o)
+    return out
+
+
 def _block(block: torch.nn.Module, x: torch.Tensor, freqs: torch.Tensor, segments: Segments,
            adaln_input: torch.Tensor | None) -> torch.Tensor:
-    """``ZImageTransformerBlock.forward`` (no omni noise mask) with the modulation expanded per segment."""
+    """``ZImageTransformerBlock.forward`` (no omni noise mask) with the modulation applied per segment."""
     if block.modulation:
-        mod = block.adaLN_modulation(adaln_input)  # [samples, 4 dim]: one row per sample, as diffusers computes it
-        scale_msa, gate_msa, scale_mlp, gate_mlp = mod.index_select(0, segments.owner).unsqueeze(0).chunk(4, dim=2)
+        # One row per sample, as diffusers computes it.
+        scale_msa, gate_msa, scale_mlp, gate_mlp = block.adaLN_modulation(adaln_input).chunk(4, dim=1)
         gate_msa, gate_mlp = gate_msa.tanh(), gate_mlp.tanh()
         scale_msa, scale_mlp = 1.0 + scale_msa, 1.0 + scale_mlp
-        attn_out = _attention(block, block.attention_norm1(x) * scale_msa, freqs, segments)
-        x = x + gate_msa * block.attention_norm2(attn_out)
-        return x + gate_mlp * block.ffn_norm2(block.feed_forward(block.ffn_norm1(x) * scale_mlp))
+        attn_out = _attention(block, _scaled(block.attention_norm1(x), scale_msa, segments), freqs, segments)
+        x = x + _scaled(block.attention_norm2(attn_out), gate_msa, segments)
+        ffn = block.feed_forward(_scaled(block.ffn_norm1(x), scale_mlp, segments))
+        return x + _scaled(block.ffn_norm2(ffn), gate_mlp, segments)
     attn_out = _attention(block, block.attention_norm1(x), freqs, segments)
     x = x + block.attention_norm2(attn_out)
     return x + block.ffn_norm2(block.feed_forward(block.ffn_norm1(x)))
@@ -150,8 +156,8 @@ def packed_forward(transformer: torch.nn.Module, x: Sequence[torch.Tensor], t: t
     cap_pos = [p[: len(f)] for p, f in zip(cap_pos, cap_tok, strict=True)]
     x_lengths = [len(p) for p in x_tok]
     cap_lengths = [len(c) for c in cap_tok]
-    x_segments = Segments.of(x_lengths, device)
-    cap_segments = Segments.of(cap_lengths, device)
+    x_segments = Segments.of(x_lengths)
+    cap_segments = Segments.of(cap_lengths)
 
     # Image tokens: embed, pad token where padded, RoPE; the noise refiner within each image.
     hx = tr.all_x_embedder[key](torch.cat(x_tok))
@@ -173,7 +179,7 @@ def packed_forward(transformer: torch.nn.Module, x: Sequence[torch.Tensor], t: t
     unified = _interleave(hx[0], x_lengths, hc[0], cap_lengths).unsqueeze(0)
     freqs = _interleave(x_freqs, x_lengths, cap_freqs, cap_lengths).unsqueeze(0)
     lengths = [a + b for a, b in zip(x_lengths, cap_lengths, strict=True)]
-    segments = Segments.of(lengths, device)
+    segments = Segments.of(lengths)
     hints = None
     if controlnet_block_samples:
         hints = {layer: torch.cat([h[i, :n] for i, n in enumerate(lengths)]).unsqueeze(0)
@@ -184,8 +190,8 @@ def packed_forward(transformer: torch.nn.Module, x: Sequence[torch.Tensor], t: t
             unified = unified + hints[index]
 
     final = tr.all_final_layer[key]
-    scale = (1.0 + final.adaLN_modulation(adaln_input)).index_select(0, segments.owner).unsqueeze(0)
-    out = final.linear(final.norm_final(unified) * scale)[0]
+    scale = 1.0 + final.adaLN_modulation(adaln_input)
+    out = final.linear(_scaled(final.norm_final(unified), scale, segments))[0]
     # Each sample's image tokens are the first x_lengths[i] of its segment; unpatchify drops the inner padding.
     per_sample = [seg[:n] for seg, n in zip(out.split(lengths), x_lengths, strict=True)]
     return tr.unpatchify(per_sample, x_size, patch_size, f_patch_size)
