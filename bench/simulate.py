@@ -11,8 +11,9 @@ and the event loop's own latency (a fixed ``scheduler_overhead_s`` per forward s
 
 Cost model (``CostModel``, JSON under ``bench/results/cost-*.json``): a forward of samples with image tokens
 ``t_i`` costs ``max(floor, base + per_sample * n + per_token * T * n + per_token_sq * T^2 * n / 1e3)``, every
-sample padded to ``T = max t_i`` when resolutions mix (``mix_padded``; false: a packed, padding-free forward
-that costs the sum); CFG counts a request twice; a text encode ``base + per_prompt * p``; a decode ``base + per_token * tokens`` per same-size group; the output PNG ``per_token * tokens`` per image,
+sample padded to ``T = max t_i`` when resolutions mix (``mix_padded``); a packed forward (``--mix-resolutions
+packed``, engine/packed.py) of mixed sizes costs the sum over its samples plus ``packed_per_sample_s`` per sample
+(the per-segment attention calls and modulation; measured by bench/bench_packed.py); CFG counts a request twice; a text encode ``base + per_prompt * p``; a decode ``base + per_token * tokens`` per same-size group; the output PNG ``per_token * tokens`` per image,
 off the engine thread (adds latency, not engine time). ``bench/fit_cost_model.py`` fits the CPU ones here;
 the GPU ones are derived from published timings, with their sources in the JSON.
 
@@ -154,7 +155,8 @@ class CostModel:
     output_per_token_s: float = 0.0
     scheduler_overhead_s: float = 0.0  # per forward: event loop and engine-thread hops
     rpc_overhead_s: float = 0.0  # per request: the client's round trip, not engine time
-    mix_padded: bool = True  # False: a packed (padding-free) forward of mixed sizes costs the sum of tokens
+    mix_padded: bool = True  # False: a mixed forward costs the sum of tokens even unpacked (the old what-if)
+    packed_per_sample_s: float = 0.0  # a packed forward's extra cost per sample (engine/packed.py's segment loop)
 
     @classmethod
     def load(cls, path: pathlib.Path) -> CostModel:
@@ -168,6 +170,7 @@ class CostModel:
             output_per_token_s=data.get("output_encode", {}).get("per_token_s", 0.0),
             scheduler_overhead_s=data.get("scheduler_overhead_s", 0.0), rpc_overhead_s=data.get("rpc_overhead_s", 0.0),
             mix_padded=data.get("mix_padded", True),
+            packed_per_sample_s=data.get("packed", {}).get("per_sample_s", 0.0),
         )
 
     def scaled(self, k: float) -> CostModel:
@@ -176,16 +179,19 @@ class CostModel:
                   if f.name not in ("name", "mix_padded")}
         return dataclasses.replace(self, name=f"{self.name}x{k:g}", **fields)
 
-    def forward_s(self, tokens: Sequence[int]) -> float:
-        """One transformer forward over samples with these image tokens (CFG: list a request twice)."""
+    def forward_s(self, tokens: Sequence[int], packed: bool = False) -> float:
+        """One transformer forward over samples with these image tokens (CFG: list a request twice). Mixed sizes
+        pad to the longest, unless ``packed`` (the engine packs exactly the forwards that would pad)."""
         n = len(tokens)
-        if self.mix_padded:
+        mixed = len(set(tokens)) > 1
+        if mixed and self.mix_padded and not packed:
             top = max(tokens)
             total, squares = top * n, top * top * n
         else:
             total, squares = sum(tokens), sum(t * t for t in tokens)
-        return max(self.forward_floor_s, self.forward_base_s + self.forward_per_sample_s * n
-                   + self.forward_per_token_s * total + self.forward_per_token_sq_ms * squares / 1e3)
+        extra = self.packed_per_sample_s * n if packed and mixed else 0.0
+        return extra + max(self.forward_floor_s, self.forward_base_s + self.forward_per_sample_s * n
+                           + self.forward_per_token_s * total + self.forward_per_token_sq_ms * squares / 1e3)
 
     def encode_s(self, prompts: int) -> float:
         return self.encode_base_s + self.encode_per_prompt_s * prompts
@@ -406,7 +412,7 @@ def simulate(trace: Sequence[Arrival], policy: ServerPolicy, cost: CostModel) ->
             continue
         samples = [s.request.key().tokens for s in decision.forward
                    for _ in range(s.images * (2 if s.request.guidance_scale > 0 else 1))]
-        seconds = cost.forward_s(samples)
+        seconds = cost.forward_s(samples, packed=policy.config.mix_resolutions == "packed")
         now += seconds + cost.scheduler_overhead_s
         tick += 1
         policy.observe_forward(decision.forward, seconds, tick)
@@ -505,12 +511,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue-delay-ms", type=float, default=10.0)
     p.add_argument("--max-tokens-per-step", type=int, default=0)
-    p.add_argument("--mix-resolutions", choices=("auto", "always", "never"), default="auto")
+    p.add_argument("--mix-resolutions", choices=("auto", "always", "never", "packed"), default="auto",
+                   help="the server's flag; packed: mixed sizes share padding-free forwards (engine/packed.py)")
     p.add_argument("--cost-scale", type=float, default=1.0,
                    help="multiply every cost (e.g. a machine k times slower than the one the model was fitted on)")
     p.add_argument("--packed", action="store_true",
-                   help="what-if: mixed resolutions share padding-free (packed) forwards that cost the sum of their "
-                        "tokens (the server pads today); use with --mix-resolutions always")
+                   help="the same as --mix-resolutions packed (step policies; request mode is unchanged)")
     p.add_argument("--slo-factor", type=float, default=4.0, help="fair policy: latency target = factor x solo time")
     p.add_argument("--capacity", action="store_true", help="max rate per replica at --p99-target-s, and replicas")
     p.add_argument("--p99-target-s", type=_floats, default=[10.0])
@@ -548,6 +554,8 @@ def markdown(results: Sequence[SimResult]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.packed:
+        args.mix_resolutions = "packed"
     knobs = SchedulerKnobs(max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms,
                            max_tokens_per_step=args.max_tokens_per_step, mix_resolutions=args.mix_resolutions,
                            slo_factor=args.slo_factor)
@@ -555,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.cost_scale != 1.0:
         costs = [c.scaled(args.cost_scale) for c in costs]
     if args.packed:
-        costs = [dataclasses.replace(c, name=f"{c.name}-packed", mix_padded=False) for c in costs]
+        costs = [dataclasses.replace(c, name=f"{c.name}-packed") for c in costs]
     results: list[SimResult] = []
     capacity: list[dict[str, Any]] = []
     for cost in costs:

@@ -65,6 +65,24 @@ def test_step_policies_order_groups_differently():
     assert run("fair") == [0.6, 0.3, 0.3]
 
 
+@pytest.mark.parametrize("policy", ["interleave", "age", "fair"])
+def test_packed_forwards_hand_computed(policy):
+    # --mix-resolutions packed: the same three requests share every forward whatever the order. A forward costs
+    # 0.1 s + 1 ms per image token summed over its samples + 10 ms per sample of a mixed (packed) one: the first
+    # forward (512² alone, admitted first) 0.1 + 1.024 = 1.124; the next two hold all three (1024 + 2 x 256
+    # tokens): 0.1 + 1.536 + 0.03 = 1.666 each, ending the 256² pair at 4.456; the 512² alone to 5.58.
+    cost = dataclasses.replace(FLAT, encode_base_s=0.0, decode_base_s=0.0, forward_per_token_s=0.001,
+                               packed_per_sample_s=0.01)
+    trace = [sim.Arrival(0, 0.0, 512, 512, steps=4), sim.Arrival(1, 0.01, 256, 256, steps=2),
+             sim.Arrival(2, 0.02, 256, 256, steps=2)]
+    sizes = ((256, 256), (512, 512))
+    r = sim.simulate(trace, sim.make_policy(policy, cost, sim.SchedulerKnobs(mix_resolutions="packed"), sizes), cost)
+    assert [round(o.done_s, 9) for o in r.outcomes] == [5.58, 4.456, 4.456]
+    assert cost.forward_s([1024, 256, 256], packed=True) == pytest.approx(1.666)
+    assert cost.forward_s([1024, 256], packed=False) == pytest.approx(0.1 + 2.048)  # padded to the longest
+    assert cost.forward_s([256, 256], packed=True) == pytest.approx(0.612)  # one size: nothing to pack
+
+
 def test_fixed_seed_reproduces_its_own_output(tmp_path):
     argv = ["--cost", str(BENCH / "results" / "cost-gpu-h200-zimage-est.json"), "--loads", "0.6", "--requests", "150",
             "--seed", "7", "--trace", "bursts", "--img2img-fraction", "0.3", "--name", "t", "--out-dir", str(tmp_path)]
