@@ -517,6 +517,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="multiply every cost (e.g. a machine k times slower than the one the model was fitted on)")
     p.add_argument("--packed", action="store_true",
                    help="the same as --mix-resolutions packed (step policies; request mode is unchanged)")
+    p.add_argument("--packed-per-sample-s", type=float, default=None,
+                   help="override the cost models' packed.per_sample_s (sensitivity of the packed results)")
     p.add_argument("--slo-factor", type=float, default=4.0, help="fair policy: latency target = factor x solo time")
     p.add_argument("--capacity", action="store_true", help="max rate per replica at --p99-target-s, and replicas")
     p.add_argument("--p99-target-s", type=_floats, default=[10.0])
@@ -564,6 +566,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         costs = [c.scaled(args.cost_scale) for c in costs]
     if args.packed:
         costs = [dataclasses.replace(c, name=f"{c.name}-packed") for c in costs]
+    if args.packed_per_sample_s is not None:
+        costs = [dataclasses.replace(c, name=f"{c.name}-ps{args.packed_per_sample_s:g}",
+                                     packed_per_sample_s=args.packed_per_sample_s) for c in costs]
     results: list[SimResult] = []
     capacity: list[dict[str, Any]] = []
     for cost in costs:
