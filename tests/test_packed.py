@@ -118,6 +118,30 @@ def test_engine_step_packs_mixed_sizes_and_matches_each_slot_stepped_alone(tiny_
         assert close(ours.latents, solo.latents), ours.request_id
 
 
+def test_forwards_with_lora_adapters_or_without_padding_are_not_packed(tiny_engine):
+    """The engine packs exactly the forwards diffusers would pad, and never one with LoRA adapters (the adapter
+    wrappers select by row = sample; a packed sequence is one row): those run diffusers' padded forward."""
+    import dataclasses
+
+    from zimage_server.types import LoraRef
+
+    small, large = (s for slots in tiny_engine.start([slot_request("s", 128, 128), slot_request("l", 256, 256)])
+                    for s in slots)
+    x = [s.latents.unsqueeze(2)[0] for s in (small, large)]
+    caps = [small.prompt_embeds, large.prompt_embeds]
+    same = [x[1], x[1]], [caps[1], caps[1]]
+    styled = dataclasses.replace(large, loras=(LoraRef(name="style", scale=1.0),))
+    try:
+        tiny_engine.packed_forwards = True
+        assert tiny_engine.use_packed([small, large], x, caps)
+        assert not tiny_engine.use_packed([large, large], *same)  # same lengths: the batched forward pads nothing
+        assert not tiny_engine.use_packed([small, styled], x, caps)
+        tiny_engine.packed_forwards = False
+        assert not tiny_engine.use_packed([small, large], x, caps)
+    finally:
+        tiny_engine.packed_forwards = False
+
+
 def reference(engine, prompt, width, height, steps, seed, guidance=0.0):
     request = GenerationRequest(request_id="ref", prompt=prompt, negative_prompt="blurry" if guidance else "",
                                 width=width, height=height, steps=steps, guidance_scale=guidance, seed=seed,

@@ -20,7 +20,9 @@ copied) over every sample's tokens concatenated along the sequence, [1, sum of l
 A sample's output equals diffusers' forward of that sample alone up to float rounding
 (tests/test_packed.py states the tolerance). Not covered, so the engine uses the padded path for them:
 LoRA forwards (``engine.lora.MixedLoraLinear`` selects adapters by row = sample of dim 0, and a packed
-sequence has one row), omni mode (SigLIP inputs) and gradient checkpointing (inference only).
+sequence has one row), omni mode (SigLIP inputs) and gradient checkpointing (inference only). With
+``--compile`` the packed path runs eager: ``compile_repeated_blocks`` compiles each block's ``forward``, which
+this module does not call (it calls the blocks' submodules); compiling ``packed_forward`` itself is untried.
 """
 
 from __future__ import annotations
