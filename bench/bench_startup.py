@@ -120,7 +120,7 @@ def child(mode: str, preset: str, artifacts: str) -> None:
         if saved is None:
             raise RuntimeError("torch.compiler.save_cache_artifacts recorded nothing")
         pathlib.Path(artifacts).write_bytes(saved[0])
-    hits = (after[0] - before[0]) + (after[2] - before[2])
+    hits = (after.fx_hits - before.fx_hits) + (after.aot_hits - before.aot_hits)
     print(json.dumps({"seconds": seconds, "cpu_s": cpu, "cache_hits": hits}))
 
 

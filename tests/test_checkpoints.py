@@ -4,6 +4,7 @@ defaults, the dynamic-shifting sigma schedule, and a quiet default start of the 
 from __future__ import annotations
 
 import asyncio
+import io
 import pathlib
 import re
 import signal
@@ -12,9 +13,11 @@ import sys
 import time
 
 import grpc
+import numpy as np
 import pytest
 from conftest import free_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 BIN = pathlib.Path(sys.executable).parent
 # A line of our own text log format: "2026-12-01 16:45:17,105 INFO zimage_server.app ..."
@@ -263,10 +266,15 @@ def test_defaults_and_limits_follow_the_model_then_the_flags(checkpoints, tmp_pa
 
 
 @pytest.mark.timeout(1800)  # ~1 min on an idle 2-core CPU; a loaded one has taken 10+ min per cold compile
-async def test_compile_cache_dir_is_missed_then_hit_by_a_restart(tmp_path):
-    """--compile-cache-dir: the first start compiles and fills it (log: MISS), a restart with the same
-    model and flags is served from it (log: HIT), and both serve."""
+async def test_compile_cache_dir_is_missed_then_hit_by_a_restart(tmp_path, make_server, tiny_engine):
+    """--compile-cache-dir: the first start compiles the block graphs and saves them (log: MISS), a restart
+    with the same model and flags loads every one of them and compiles nothing (log: HIT), and both serve
+    the eager image (compiled vs eager: within +-1, as tests/test_accel.py measures)."""
+    from zimage.v1 import zimage_pb2_grpc as pb_grpc
+
     cache = tmp_path / "compile-cache"
+    request = _request()
+    reference = await _generate_pixels(make_server, tiny_engine, request)
     lines = []
     for run in range(2):
         port, log = free_port(), tmp_path / f"start-{run}.log"
@@ -274,6 +282,10 @@ async def test_compile_cache_dir_is_missed_then_hit_by_a_restart(tmp_path):
                            "64x64", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "0"], log)
         try:
             await wait_serving(port, proc, timeout_s=850)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                response = await pb_grpc.ImageGenerationServiceStub(channel).Generate(request, timeout=600)
+            pixels = np.asarray(Image.open(io.BytesIO(response.images[0].data)).convert("RGB")).astype(int)
+            assert abs(pixels - reference).max() <= 1
             proc.send_signal(signal.SIGTERM)
             proc.communicate(timeout=300)
         finally:
@@ -282,8 +294,43 @@ async def test_compile_cache_dir_is_missed_then_hit_by_a_restart(tmp_path):
                 proc.wait()
         lines.append(next(line for line in log.read_text().splitlines() if " compile cache " in line))
     assert "compile cache MISS in " in lines[0] and "were compiled and saved" in lines[0]
+    saved = list((cache / "precompiled").glob("*/*.bin"))
+    assert saved and f"0 of {len(saved)} precompiled block graphs loaded" in lines[0]
     assert "compile cache HIT in " in lines[1]
-    assert any((cache / "inductor").rglob("*"))
+    assert f"{len(saved)} of {len(saved)} precompiled block graphs loaded" in lines[1]
+    assert list((cache / "precompiled").glob("*/*.bin")) == saved  # the restart compiled (and saved) nothing
+
+
+def test_precompiled_blocks_are_keyed_on_versions_flags_and_architecture(tiny_engine, monkeypatch):
+    """A changed torch or diffusers version, attention backend, dtype or transformer architecture gives another
+    directory (never a stale graph); the same ones give the same directory in every process."""
+    import diffusers
+    import torch
+    from zimage_server.config import EngineConfig
+    from zimage_server.engine import accel
+
+    config = EngineConfig(compile=True, compile_cache_dir="/var/cache/zimage")
+    pipe = tiny_engine.pipe
+    key = accel.precompiled_dir(pipe, config)
+    assert key.parent == pathlib.Path("/var/cache/zimage/precompiled")
+    assert accel.precompiled_dir(pipe, config) == key
+    assert accel.precompiled_dir(pipe, EngineConfig(compile=True, compile_cache_dir="/var/cache/zimage",
+                                                    attention="_native_math")) != key
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "__version__", "9.9.9")
+        assert accel.precompiled_dir(pipe, config) != key
+    with monkeypatch.context() as patch:
+        patch.setattr(diffusers, "__version__", "9.9.9")
+        assert accel.precompiled_dir(pipe, config) != key
+    with monkeypatch.context() as patch:
+        patch.setattr(pipe.transformer, "_internal_dict", {**pipe.transformer.config, "n_heads": 4})
+        assert accel.precompiled_dir(pipe, config) != key
+    with monkeypatch.context() as patch:
+        patch.setattr(type(pipe.transformer), "dtype", property(lambda self: torch.bfloat16))
+        assert accel.precompiled_dir(pipe, config) != key
+    # LoRA slot wrappers and quantized weights keep the regular compile (and its inductor caches).
+    assert accel._can_precompile(pipe.transformer, config)
+    assert not accel._can_precompile(pipe.transformer, EngineConfig(compile=True, lora_dir="/loras"))
 
 
 @pytest.mark.timeout(300)
@@ -330,9 +377,13 @@ def test_compile_cache_verdicts_from_inductor_counters(caplog):
     caplog.set_level(logging.INFO, logger="zimage_server.engine.accel")
     report = accel.log_compile_cache(config, before)
     assert report.verdict == "miss" and "compile cache MISS in /var/cache/zimage" in caplog.text
-    assert accel.CompileCacheReport("d", 9, 0, 0, 0).verdict == "hit"
-    assert accel.CompileCacheReport("d", 9, 0, 3, 2).verdict == "partial hit"
+    counts = accel.CacheCounts
+    assert accel.CompileCacheReport("d", counts(9, 0, 0, 0)).verdict == "hit"
+    assert accel.CompileCacheReport("d", counts(9, 0, 3, 2)).verdict == "partial hit"
+    assert accel.CompileCacheReport("d", counts(block_loaded=6)).verdict == "hit"
+    assert accel.CompileCacheReport("d", counts(block_loaded=5, block_compiled=1)).verdict == "partial hit"
+    assert accel.CompileCacheReport("d", counts(block_compiled=6), had_entries=False).verdict == "miss"
     # A cold start from an empty directory: repeats of its own graphs hit, it is still a miss.
-    assert accel.CompileCacheReport("d", 4, 5, 0, 0, had_entries=False).verdict == "miss"
-    assert accel.CompileCacheReport("d", 4, 5, 0, 0, had_entries=True).verdict == "partial hit"
+    assert accel.CompileCacheReport("d", counts(4, 5, 0, 0), had_entries=False).verdict == "miss"
+    assert accel.CompileCacheReport("d", counts(4, 5, 0, 0), had_entries=True).verdict == "partial hit"
     assert accel.log_compile_cache(EngineConfig(compile=True), before) is None  # no cache dir: no line

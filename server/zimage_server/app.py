@@ -191,8 +191,9 @@ class ZImageServer:
         desc = self.engine.description
         sizes = list(self.config.engine.warmup_sizes) or [(desc.default_size_px, desc.default_size_px)]
         # Compiled: batch 1 and batch n are different graphs, both compiled here rather than under traffic.
-        # Eager has nothing to compile: one batch-1 pass loads the kernels and times a step.
-        batches = sorted({1, min(2, self.config.scheduler.max_batch_size)}) if self.config.engine.compile else [1]
+        # Eager has nothing to compile or load (a first request runs as fast as a second: measured, issue 17):
+        # only the timed step, for the scheduler's first estimate; a full image here cost ~0.6 s of start-up.
+        batches = sorted({1, min(2, self.config.scheduler.max_batch_size)}) if self.config.engine.compile else []
         warm_s = self.engine.warmup(sizes, batches)
         self.metrics.warmup.set(warm_s)
         if self.config.engine.compile:
@@ -205,7 +206,10 @@ class ZImageServer:
             self._mix_table = self.engine.calibrate_mixing(sizes) if len(sizes) > 1 else {}
         accel.log_compile_cache(self.config.engine, cache_before, cache_had_entries)  # load's compile and the warm-up's
         self._recompiles_seen = accel.recompilations()
-        log.info("warm-up of %s x batch %s took %.1f s", sizes, batches, warm_s)
+        if batches:
+            log.info("warm-up of %s x batch %s took %.1f s", sizes, batches, warm_s)
+        else:
+            log.info("warm-up (one timed step at %dx%d) took %.1f s", *sizes[0], warm_s)
 
     def reload_loras_soon(self) -> asyncio.Task[None] | None:
         """Rescan the LoRA directory in the background (SIGHUP); the outcome goes to the log."""

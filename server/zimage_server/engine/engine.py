@@ -510,22 +510,20 @@ class ZImageEngine:
 
     # ------------------------------------------------------------------ warm-up
     def warmup(self, sizes: Sequence[tuple[int, int]], batch_sizes: Sequence[int]) -> float:
-        """Run every (size, batch size) shape once so compilation happens before traffic. Returns seconds."""
+        """Run every (size, batch size) shape once so compilation happens before traffic, then time one step
+        at the first size (the scheduler's first service-time estimate). With no batch sizes only that timed
+        step runs (encode + one step): enough for an eager model, which has nothing to compile. Returns seconds."""
         started = time.monotonic()
+        request = GenerationRequest(
+            request_id="warmup", prompt="warm-up", negative_prompt="", width=sizes[0][0], height=sizes[0][1],
+            steps=2, guidance_scale=0.0, seed=0, num_images=1, output_format=ImageFormat.PNG, quality=90, preview=None,
+        )
         for width, height in sizes:
             for batch in batch_sizes:
-                request = GenerationRequest(
-                    request_id="warmup", prompt="warm-up", negative_prompt="", width=width, height=height,
-                    steps=2, guidance_scale=0.0, seed=0, num_images=batch, output_format=ImageFormat.PNG, quality=90,
-                    preview=None,
-                )
-                (slots,) = self.start([request])
+                (slots,) = self.start([dataclasses.replace(request, width=width, height=height, num_images=batch)])
                 while not slots[0].done:
                     self.step(slots)
                 self.decode(slots)
-        # Time one steady-state step at the first size: the scheduler's first service-time estimate.
-        width, height = sizes[0]
-        request = dataclasses.replace(request, width=width, height=height, num_images=1)
         (slots,) = self.start([request])
         step_started = time.monotonic()
         self.step(slots)
