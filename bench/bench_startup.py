@@ -6,11 +6,14 @@ Rows (seconds, wall clock):
 - floor:   ``python -c "import torch; from diffusers import ZImagePipeline"``
 - import:  the server's own imports (optional back ends hidden, as a default start does), no model
 - per preset: ``zimage-server --model P`` eager; ``--compile`` with an empty ``--compile-cache-dir``
-  (cold); ``--compile`` again with that directory (warm). Launch -> the "serving" log line, which is
-  written right after health turns SERVING.
-- cache mechanisms (tiny, compile + pre-warm alone, in a fresh process each): no cache; inductor's
-  cache directory warm (what --compile-cache-dir uses); ``torch.compiler.load_cache_artifacts`` of the
-  bytes ``save_cache_artifacts`` wrote after a cold compile, into an empty cache directory.
+  (cold); ``--compile`` again with that directory (warm: precompiled blocks loaded, see
+  ``accel.PrecompiledBlocks``). Launch -> the "serving" log line, which is written right after health
+  turns SERVING.
+- cache mechanisms of the regular ``torch.compile`` path, which --compile-cache-dir used before the
+  precompiled blocks (tiny, compile + pre-warm alone, in a fresh process each): no cache; inductor's FX
+  graph + AOTAutograd caches warm; ``torch.compiler.load_cache_artifacts`` of the bytes
+  ``save_cache_artifacts`` wrote after a cold compile, into an empty cache directory. All three still run
+  dynamo's tracing of every block variant.
 
 Eager, floor and import rows are the median of ``--repeats`` runs; compiled rows run once (minutes each).
 """
@@ -108,6 +111,7 @@ def child(mode: str, preset: str, artifacts: str) -> None:
 
     config = EngineConfig(model=preset)
     engine = ZImageEngine.load(config)  # eager: compile below is what is timed
+    accel.mark_autocast_cacheable()  # as --compile-cache-dir does: lets the AOTAutograd cache engage
     if mode == "artifacts-load":
         torch.compiler.load_cache_artifacts(pathlib.Path(artifacts).read_bytes())
     before = accel.cache_counts()

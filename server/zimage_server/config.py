@@ -25,7 +25,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on cuda, float32 on cpu
     compile: bool = False
     compile_vae: bool = False
-    compile_cache_dir: str = ""  # persist inductor's compiled artifacts here (a volume), so restarts skip codegen
+    compile_cache_dir: str = ""  # persist compiled blocks here (a volume), so restarts skip tracing and codegen
     quantize: str = "none"  # none | int8 | fp8 | int4
     quant_backend: str = "torchao"  # quanto | torchao
     quantize_text_encoder: bool = False
