@@ -95,13 +95,10 @@ def allocator_env(choice: str) -> tuple[str, dict[str, str]]:
     """The server's malloc: ``jemalloc`` as the container images preload it (deploy/docker), or glibc's.
     ``auto``: jemalloc when the library is installed (Debian/Ubuntu: libjemalloc2), else glibc."""
     if choice == "auto":
-        import ctypes
+        import ctypes.util
 
-        try:
-            ctypes.CDLL(JEMALLOC)
-            choice = "jemalloc"
-        except OSError:
-            choice = "glibc"
+        # The linker cache, not dlopen: jemalloc cannot be loaded into a running process (static TLS).
+        choice = "jemalloc" if ctypes.util.find_library("jemalloc") == JEMALLOC else "glibc"
     return choice, ({"LD_PRELOAD": JEMALLOC} if choice == "jemalloc" else {})
 
 
@@ -196,6 +193,10 @@ class ServerProcess:
         snap["rss_bytes"] = self.rss_bytes()
         return snap
 
+    def malloc(self) -> str:
+        """The allocator the server process really runs with (its memory map names jemalloc or not)."""
+        return "jemalloc" if "libjemalloc" in pathlib.Path(f"/proc/{self.proc.pid}/maps").read_text() else "glibc"
+
     def scrape(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
             return reply.read().decode()
@@ -249,8 +250,9 @@ def sample_value(text: str, name: str) -> float:
 
 # ---------------------------------------------------------------------- the workload
 class Workload:
-    def __init__(self, server: ServerProcess, rng: random.Random, timeout_s: float):
+    def __init__(self, server: ServerProcess, rng: random.Random, timeout_s: float, sizes: tuple[int, ...] = SIZES):
         self.server = server
+        self.sizes = sizes
         self.rng = rng
         self.timeout_s = timeout_s
         self.auth = (("authorization", f"Bearer {TOKEN}"),)
@@ -269,7 +271,7 @@ class Workload:
         prompt = rng.choice(SUBJECTS)
         if rng.random() < 0.5:  # a pool of ~200 distinct prompts: more than the embedding cache holds
             prompt += f", variation {rng.randrange(20)}"
-        msg = pb.GenerateRequest(prompt=prompt, width=rng.choice(SIZES), height=rng.choice(SIZES),
+        msg = pb.GenerateRequest(prompt=prompt, width=rng.choice(self.sizes), height=rng.choice(self.sizes),
                                  steps=rng.randint(1, 4), seed=rng.randrange(2**32), num_images=rng.choice((1, 1, 2)))
         if rng.random() < 0.3:
             msg.guidance_scale = rng.choice((1.5, 3.0))
@@ -502,7 +504,8 @@ async def soak(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any
     if args.trace:
         await asyncio.to_thread(server.snapshot)  # starts tracing (bench/traced_server.py)
     before = server.scrape()
-    work = Workload(server, rng, args.request_timeout_s)
+    allocator = server.malloc()
+    work = Workload(server, rng, args.request_timeout_s, tuple(int(v) for v in args.sizes.split(",")))
     chosen = args.kinds.split(",") if args.kinds else list(KINDS)
     kinds = [chosen[i % len(chosen)] for i in range(args.warmup)]
     population, weights = zip(*((k, w) for k, w in WEIGHTS.items() if k in chosen), strict=True)
@@ -515,7 +518,9 @@ async def soak(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any
     series_at: dict[str, int] = {}
     series_new: set[str] = set()
     warm_series: set[str] = set()
-    sample_every = max(10, (args.requests - args.warmup) // 40)
+    # Dense RSS samples (reading /proc is cheap): in-flight requests swing RSS by tens of MiB, and the fit
+    # over the steady state needs many points to see through them.
+    sample_every = max(5, (args.requests - args.warmup) // 200)
     sampling = asyncio.Lock()
     snaps: dict[str, dict[str, Any]] = {}
     mid = args.warmup + (args.requests - args.warmup) // 2
@@ -591,7 +596,8 @@ async def soak(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any
         "rss_mib_end": round(rss[-1][1] / 2**20, 1),
         "rss_slope_mib_per_1000_requests": slopes,
         "rss_steady_state_from_request": mid,
-        "allocator": args.allocator,
+        "allocator": allocator,
+        "sizes": args.sizes,
         "server_env": args.server_env,
         "outcomes": [dataclasses.asdict(o) for o in outcomes] if args.outcomes else None,
         "rss_samples_mib": [(x, round(y / 2**20, 1)) for x, y in post],
@@ -612,6 +618,8 @@ async def soak(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any
     if not counted - expired <= server_counted <= counted:
         failures.append(f"server counted {server_counted:.0f} requests, the client sent {counted} that reach it "
                         f"({expired} of them DEADLINE_EXCEEDED)")
+    if allocator != args.allocator:
+        failures.append(f"the server runs {allocator}'s malloc, not {args.allocator}")
     if report["queue_depth_end"] or report["running_end"]:
         failures.append("queue or running gauge not back to 0")
     if len(series_new) > args.series_slack:
@@ -634,9 +642,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kinds", help=f"comma-separated subset of {','.join(KINDS)} (default: all)")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
+                        help="image sides to draw widths and heights from; few sizes: every shape is seen early, "
+                             "so per-shape caches fill during warm-up (tells a plateau from a leak)")
     parser.add_argument("--request-timeout-s", type=float, default=60.0, help="a request still open then is HUNG")
     parser.add_argument("--series-slack", type=int, default=4)
-    parser.add_argument("--max-rss-slope-mib", type=float, default=5.0,
+    parser.add_argument("--max-rss-slope-mib", type=float, default=10.0,
                         help="limit on the steady-state RSS slope, MiB per 1000 requests")
     parser.add_argument("--allocator", choices=("auto", "jemalloc", "glibc"), default="auto",
                         help="the server's malloc (auto: jemalloc, as in the container images, when installed)")

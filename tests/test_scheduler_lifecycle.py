@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import threading
+import weakref
 
 import pytest
 from fakes import FakeEngine
@@ -161,6 +163,23 @@ async def test_no_per_request_bookkeeping_outlives_the_requests(batching):
         await results(*(sched.submit(req(f"r{round_}-{i}", preview=True)) for i in range(4)))
     sizes = {name: len(value) for name, value in _containers(sched)}
     assert max(sizes.values()) < 10, sizes  # 24 requests went through; nothing grew with them
+    await sched.close()
+
+
+@pytest.mark.parametrize("batching", ["request", "step"])
+async def test_an_idle_scheduler_holds_no_finished_request(batching):
+    """The soak (bench/soak.py --trace) found the last forwarded batch alive after the drain: the loop's
+    locals kept its states, slots and latents until the next request. Nothing may hold them."""
+    engine = FakeEngine(step_s=0.0)
+    sched = scheduler(engine, batching=batching, max_batch_size=4)
+    handles = [sched.submit(req(f"r{i}", preview=i == 0)) for i in range(3)]
+    await results(*handles)
+    states = [weakref.ref(h._state) for h in handles]
+    del handles
+    for _ in range(5):  # let the loop plan again and go idle
+        await asyncio.sleep(0.01)
+    gc.collect()
+    assert [ref() for ref in states] == [None, None, None]
     await sched.close()
 
 
