@@ -8,7 +8,8 @@ sees half a file):
 
 - the tracemalloc snapshot (Python-heap allocations by traceback, ``$ZIMAGE_SOAK_TRACE_FRAMES`` deep);
 - the live objects by type (``gc.get_objects``), and the thread count;
-- glibc's ``mallinfo2`` (heap bytes in use vs free-but-held: what tells a leak from fragmentation).
+- glibc's ``mallinfo2`` (heap bytes in use vs free-but-held: what tells a leak from fragmentation;
+  zeros when the server runs jemalloc, which does not fill it).
 
     python bench/traced_server.py --model tiny ...   # the same flags as zimage-server
 """
