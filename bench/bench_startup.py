@@ -1,6 +1,6 @@
 """Start-up time: process launch to SERVING, beside the floor of importing torch and diffusers.
 
-    python bench/bench_startup.py [--presets tiny,bench] [--repeats 2] [--out bench/results/startup.json]
+    python bench/bench_startup.py [--presets tiny,bench] [--repeats 2] [--no-compile] [--no-mechanisms] [--out FILE]
 
 Rows (seconds, wall clock):
 - floor:   ``python -c "import torch; from diffusers import ZImagePipeline"``
@@ -15,7 +15,9 @@ Rows (seconds, wall clock):
   ``save_cache_artifacts`` wrote after a cold compile, into an empty cache directory. All three still run
   dynamo's tracing of every block variant.
 
-Eager, floor and import rows are the median of ``--repeats`` runs; compiled rows run once (minutes each).
+Eager, floor and import rows are the median of ``--repeats`` interleaved rounds; compiled rows run once
+(minutes each). The CPU column is the server process's own CPU time (its threads, not inductor's compile
+workers): compare compiled rows by wall time.
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def main() -> None:
     parser.add_argument("--presets", default="tiny,bench")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--no-mechanisms", action="store_true", help="skip the cache-mechanism comparison")
+    parser.add_argument("--no-compile", action="store_true", help="only the floor, import and eager rows")
     parser.add_argument("--out", default=str(ROOT / "bench/results/startup.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--artifacts", help=argparse.SUPPRESS)
@@ -173,13 +176,25 @@ def main() -> None:
     def med(samples: list[tuple[float, ...]]) -> tuple[float, ...]:
         return tuple(median([sample[i] for sample in samples]) for i in range(len(samples[0])))
 
-    floor, floor_cpu = med([timed([sys.executable, "-c", FLOOR]) for _ in range(args.repeats)])
+    # Interleaved rounds (floor, import, each preset eager), so a change of load on a shared machine
+    # moves all rows alike instead of whichever ran during it.
+    presets = args.presets.split(",")
+    floor_runs, import_runs, eager_runs = [], [], {p: [] for p in presets}
+    for _ in range(args.repeats):
+        floor_runs.append(timed([sys.executable, "-c", FLOOR]))
+        import_runs.append(timed([sys.executable, "-c", SERVER_IMPORTS]))
+        for preset in presets:
+            eager_runs[preset].append(until_serving(["--model", preset])[:2])
+    floor, floor_cpu = med(floor_runs)
     report(rows, ("floor", "import torch + ZImagePipeline", floor, floor_cpu, ""))
-    imports, imports_cpu = med([timed([sys.executable, "-c", SERVER_IMPORTS]) for _ in range(args.repeats)])
-    report(rows, ("import", "server modules", imports, imports_cpu, f"floor {imports_cpu - floor_cpu:+.1f} CPU s"))
-    for preset in args.presets.split(","):
-        eager, eager_cpu = med([until_serving(["--model", preset])[:2] for _ in range(args.repeats)])
-        report(rows, (preset, "eager", eager, eager_cpu, f"floor {eager_cpu - floor_cpu:+.1f} CPU s"))
+    imports, imports_cpu = med(import_runs)
+    report(rows, ("import", "server modules", imports, imports_cpu,
+                  f"floor {imports - floor:+.1f} s, {imports_cpu - floor_cpu:+.1f} CPU s"))
+    for preset in presets:
+        eager, eager_cpu = med(eager_runs[preset])
+        report(rows, (preset, "eager", eager, eager_cpu,
+                      f"floor {eager - floor:+.1f} s, {eager_cpu - floor_cpu:+.1f} CPU s"))
+    for preset in presets if not args.no_compile else []:
         with tempfile.TemporaryDirectory() as cache:
             cold, cold_cpu, cold_line = until_serving(["--model", preset, "--compile", "--compile-cache-dir", cache])
             report(rows, (preset, "--compile, cold cache", cold, cold_cpu, cold_line.split(" in ")[0]))

@@ -194,6 +194,11 @@ class ZImageServer:
         # Eager has nothing to compile or load (a first request runs as fast as a second: measured, issue 17):
         # only the timed step, for the scheduler's first estimate; a full image here cost ~0.6 s of start-up.
         batches = sorted({1, min(2, self.config.scheduler.max_batch_size)}) if self.config.engine.compile else []
+        loaded = accel.cache_counts()
+        if loaded.block_loaded > cache_before.block_loaded and loaded.block_compiled == cache_before.block_compiled:
+            # Every block graph came from --compile-cache-dir and the load's pre-warm met them all: a warm-up
+            # pass would compile nothing more (a variant it lacked would be compiled at its first use, and saved).
+            batches = []
         warm_s = self.engine.warmup(sizes, batches)
         self.metrics.warmup.set(warm_s)
         if self.config.engine.compile:
