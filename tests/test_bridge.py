@@ -325,9 +325,10 @@ async def test_disconnect_while_running_cancels_and_frees_the_slot(bridged, sess
         seen = []
         async for name, _, data in sse_events(response):
             seen.append(name)
-            if name == "comment":
+            if name == "comment" and "started" in seen:
                 break  # a heartbeat while the step is held: the stream is alive and idle
-        assert seen[:2] == ["queued", "started"]
+        # (a keep-alive may also come before "started": the encode can take longer than 50 ms)
+        assert [n for n in seen if n != "comment"][:2] == ["queued", "started"]
         assert server.scheduler.running_count == 1
         response.close()  # the browser tab goes away
         await eventually(lambda: requests_total(server, "HttpStream", "CANCELLED") == 1)
