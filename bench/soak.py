@@ -259,6 +259,8 @@ class Workload:
         self.channel = grpc.aio.insecure_channel(server.target)
         self.stub = pb_grpc.ImageGenerationServiceStub(self.channel)
         self.http = None  # aiohttp.ClientSession, made on the running loop
+        self.warmup = 0
+        self.turns: collections.Counter[str] = collections.Counter()
         self.sent = 0
 
     async def close(self) -> None:
@@ -284,6 +286,11 @@ class Workload:
         msg.request_id = note["id"] = f"soak-{self.sent}"  # names the request in the server's log
         return msg
 
+    def variant(self, note: dict[str, str], n: int) -> int:
+        """Which of ``n`` variants of a kind to send: in turn during warm-up (every one's metric series then
+        exist before the count is taken), at random after."""
+        return int(note["turn"]) % n if "turn" in note else self.rng.randrange(n)
+
     def invalid_request(self, note: dict[str, str]) -> pb.GenerateRequest:
         msg = self.valid_request(note)
         field = self.rng.randrange(6)
@@ -304,6 +311,9 @@ class Workload:
     async def run(self, index: int, kind: str) -> Outcome:
         started = time.monotonic()
         note: dict[str, str] = {"rpc": ""}  # the method sets the rpc label the server will count
+        if index < self.warmup:  # warm-up takes each kind's variants in turn, so each one's series exist
+            self.turns[kind] += 1
+            note["turn"] = str(self.turns[kind])
         try:
             code = await asyncio.wait_for(getattr(self, "_" + kind)(note), self.timeout_s)
         except TimeoutError:
@@ -338,7 +348,7 @@ class Workload:
         return "OK"
 
     async def _cancel(self, note: dict[str, str]) -> str:
-        if self.rng.random() < 0.5:
+        if self.variant(note, 2) == 0:
             note["rpc"] = "StreamProgress"
             call = self.stub.StreamProgress(self.valid_request(note, preview=self.rng.random() < 0.5), metadata=self.auth)
             stop_after = self.rng.randrange(3)
@@ -380,7 +390,7 @@ class Workload:
     async def _unknown(self, note: dict[str, str]) -> str:
         name = "".join(self.rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(12))
         method = self.rng.choice((f"/zimage.v1.ImageGenerationService/{name}", f"/{name}.v1.Svc/Call"))
-        with_token = self.rng.random() < 0.5
+        with_token = self.variant(note, 2) == 0
         call = self.channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
         try:
             await call(b"", metadata=self.auth if with_token else (("authorization", "Bearer wrong"),), timeout=10)
@@ -403,7 +413,7 @@ class Workload:
             self.http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {TOKEN}"})
         base = f"http://127.0.0.1:{self.server.http_port}"
         msg = self.valid_request(note)
-        choice = self.rng.randrange(5)
+        choice = self.variant(note, 5)
         if choice == 0:
             from google.protobuf import json_format
 
@@ -506,6 +516,7 @@ async def soak(args: argparse.Namespace, server: ServerProcess) -> dict[str, Any
     before = server.scrape()
     allocator = server.malloc()
     work = Workload(server, rng, args.request_timeout_s, tuple(int(v) for v in args.sizes.split(",")))
+    work.warmup = args.warmup
     chosen = args.kinds.split(",") if args.kinds else list(KINDS)
     kinds = [chosen[i % len(chosen)] for i in range(args.warmup)]
     population, weights = zip(*((k, w) for k, w in WEIGHTS.items() if k in chosen), strict=True)
