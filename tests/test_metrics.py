@@ -106,3 +106,15 @@ async def test_promtool_check_metrics_on_a_live_scrape(make_server):
     result = subprocess.run([promtool, "check", "metrics"], input=scrape(server.metrics_port), capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_known_outcome_labels_exist_at_zero_from_the_start():
+    """Cancelled/expired stages are series from start-up (a rare outcome first seen late adds no series;
+    the soak's series count stays flat), each at 0."""
+    from zimage_server.metrics import CANCEL_STAGES, EXPIRY_STAGES, Metrics
+
+    registry = Metrics().registry
+    for stage in CANCEL_STAGES:
+        assert registry.get_sample_value("zimage_cancelled_requests_total", {"stage": stage}) == 0
+    for stage in EXPIRY_STAGES:
+        assert registry.get_sample_value("zimage_expired_requests_total", {"stage": stage}) == 0

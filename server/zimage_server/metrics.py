@@ -18,6 +18,8 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 STEP_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+CANCEL_STAGES = ("queued", "running")  # where a client can give up (scheduler/core.py)
+EXPIRY_STAGES = ("admission", "queued", "running")  # where a deadline can pass
 
 
 class Metrics:
@@ -77,6 +79,12 @@ class Metrics:
         self.expired = Counter(
             "zimage_expired_requests", "Requests that ran out of time, by stage.", ["stage"], registry=r
         )
+        # Label values known up front exist from start-up at 0 (Prometheus practice): a rate() over them works
+        # before the first event, and the series count does not grow when a rare outcome first happens.
+        for stage in CANCEL_STAGES:
+            self.cancelled.labels(stage=stage)
+        for stage in EXPIRY_STAGES:
+            self.expired.labels(stage=stage)
         self.engine_failures = Counter(
             "zimage_engine_failures", "Engine exceptions, by kind (stage or out_of_memory).", ["kind"], registry=r
         )
