@@ -2,6 +2,9 @@
 
 Size: over ~400 lines because each back end (torchao, optimum-quanto, compile, attention, offload)
 keeps its checks next to its application; splitting them would separate a rule from the code it guards.
+The persistent compile cache (``use_compile_cache`` .. ``_BlockCall``: cache counts, the HIT/MISS report,
+precompiled blocks) is the one part with its own lifecycle (artifacts on disk keyed on versions): it is
+the candidate to move into its own module when this file grows again.
 
 Everything here runs once, at load time. Combinations that cannot work fail in
 ``check_combination`` with a ConfigError that says what to do instead, before any
