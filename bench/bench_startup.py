@@ -7,7 +7,7 @@ Rows (seconds, wall clock):
 - import:  the server's own imports (optional back ends hidden, as a default start does), no model
 - per preset: ``zimage-server --model P`` eager; ``--compile`` with an empty ``--compile-cache-dir``
   (cold); ``--compile`` again with that directory (warm: precompiled blocks loaded, see
-  ``accel.PrecompiledBlocks``). Launch -> the "serving" log line, which is written right after health
+  ``compile_cache.PrecompiledBlocks``). Launch -> the "serving" log line, which is written right after health
   turns SERVING.
 - cache mechanisms of the regular ``torch.compile`` path, which --compile-cache-dir used before the
   precompiled blocks (tiny, compile + pre-warm alone, in a fresh process each): no cache; inductor's FX
@@ -108,19 +108,19 @@ def child(mode: str, preset: str, artifacts: str) -> None:
     """One fresh process: load the preset, compile + pre-warm the transformer, print the seconds."""
     import torch
     from zimage_server.config import EngineConfig
-    from zimage_server.engine import accel
+    from zimage_server.engine import accel, compile_cache
     from zimage_server.engine.engine import ZImageEngine
 
     config = EngineConfig(model=preset)
     engine = ZImageEngine.load(config)  # eager: compile below is what is timed
-    accel.mark_autocast_cacheable()  # as --compile-cache-dir does: lets the AOTAutograd cache engage
+    compile_cache.mark_autocast_cacheable()  # as --compile-cache-dir does: lets the AOTAutograd cache engage
     if mode == "artifacts-load":
         torch.compiler.load_cache_artifacts(pathlib.Path(artifacts).read_bytes())
-    before = accel.cache_counts()
+    before = compile_cache.cache_counts()
     started, cpu_started = time.monotonic(), _own_and_children_cpu()
     accel.compile_models(engine.pipe, EngineConfig(model=preset, compile=True))
     seconds, cpu = time.monotonic() - started, _own_and_children_cpu() - cpu_started
-    after = accel.cache_counts()
+    after = compile_cache.cache_counts()
     if mode == "artifacts-save":
         saved = torch.compiler.save_cache_artifacts()
         if saved is None:

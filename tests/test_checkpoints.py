@@ -307,30 +307,30 @@ def test_precompiled_blocks_are_keyed_on_versions_flags_and_architecture(tiny_en
     import diffusers
     import torch
     from zimage_server.config import EngineConfig
-    from zimage_server.engine import accel
+    from zimage_server.engine import compile_cache
 
     config = EngineConfig(compile=True, compile_cache_dir="/var/cache/zimage")
     pipe = tiny_engine.pipe
-    key = accel.precompiled_dir(pipe, config)
+    key = compile_cache.precompiled_dir(pipe, config)
     assert key.parent == pathlib.Path("/var/cache/zimage/precompiled")
-    assert accel.precompiled_dir(pipe, config) == key
-    assert accel.precompiled_dir(pipe, EngineConfig(compile=True, compile_cache_dir="/var/cache/zimage",
+    assert compile_cache.precompiled_dir(pipe, config) == key
+    assert compile_cache.precompiled_dir(pipe, EngineConfig(compile=True, compile_cache_dir="/var/cache/zimage",
                                                     attention="_native_math")) != key
     with monkeypatch.context() as patch:
         patch.setattr(torch, "__version__", "9.9.9")
-        assert accel.precompiled_dir(pipe, config) != key
+        assert compile_cache.precompiled_dir(pipe, config) != key
     with monkeypatch.context() as patch:
         patch.setattr(diffusers, "__version__", "9.9.9")
-        assert accel.precompiled_dir(pipe, config) != key
+        assert compile_cache.precompiled_dir(pipe, config) != key
     with monkeypatch.context() as patch:
         patch.setattr(pipe.transformer, "_internal_dict", {**pipe.transformer.config, "n_heads": 4})
-        assert accel.precompiled_dir(pipe, config) != key
+        assert compile_cache.precompiled_dir(pipe, config) != key
     with monkeypatch.context() as patch:
         patch.setattr(type(pipe.transformer), "dtype", property(lambda self: torch.bfloat16))
-        assert accel.precompiled_dir(pipe, config) != key
+        assert compile_cache.precompiled_dir(pipe, config) != key
     # LoRA slot wrappers and quantized weights keep the regular compile (and its inductor caches).
-    assert accel._can_precompile(pipe.transformer, config)
-    assert not accel._can_precompile(pipe.transformer, EngineConfig(compile=True, lora_dir="/loras"))
+    assert compile_cache.can_precompile(pipe.transformer, config)
+    assert not compile_cache.can_precompile(pipe.transformer, EngineConfig(compile=True, lora_dir="/loras"))
 
 
 @pytest.mark.timeout(300)
@@ -370,20 +370,20 @@ def test_compile_cache_verdicts_from_inductor_counters(caplog):
     import logging
 
     from zimage_server.config import EngineConfig
-    from zimage_server.engine import accel
+    from zimage_server.engine import compile_cache
 
     config = EngineConfig(compile=True, compile_cache_dir="/var/cache/zimage")
-    before = accel.cache_counts()
-    caplog.set_level(logging.INFO, logger="zimage_server.engine.accel")
-    report = accel.log_compile_cache(config, before)
+    before = compile_cache.cache_counts()
+    caplog.set_level(logging.INFO, logger="zimage_server.engine.compile_cache")
+    report = compile_cache.log_compile_cache(config, before)
     assert report.verdict == "miss" and "compile cache MISS in /var/cache/zimage" in caplog.text
-    counts = accel.CacheCounts
-    assert accel.CompileCacheReport("d", counts(9, 0, 0, 0)).verdict == "hit"
-    assert accel.CompileCacheReport("d", counts(9, 0, 3, 2)).verdict == "partial hit"
-    assert accel.CompileCacheReport("d", counts(block_loaded=6)).verdict == "hit"
-    assert accel.CompileCacheReport("d", counts(block_loaded=5, block_compiled=1)).verdict == "partial hit"
-    assert accel.CompileCacheReport("d", counts(block_compiled=6), had_entries=False).verdict == "miss"
+    counts = compile_cache.CacheCounts
+    assert compile_cache.CompileCacheReport("d", counts(9, 0, 0, 0)).verdict == "hit"
+    assert compile_cache.CompileCacheReport("d", counts(9, 0, 3, 2)).verdict == "partial hit"
+    assert compile_cache.CompileCacheReport("d", counts(block_loaded=6)).verdict == "hit"
+    assert compile_cache.CompileCacheReport("d", counts(block_loaded=5, block_compiled=1)).verdict == "partial hit"
+    assert compile_cache.CompileCacheReport("d", counts(block_compiled=6), had_entries=False).verdict == "miss"
     # A cold start from an empty directory: repeats of its own graphs hit, it is still a miss.
-    assert accel.CompileCacheReport("d", counts(4, 5, 0, 0), had_entries=False).verdict == "miss"
-    assert accel.CompileCacheReport("d", counts(4, 5, 0, 0), had_entries=True).verdict == "partial hit"
-    assert accel.log_compile_cache(EngineConfig(compile=True), before) is None  # no cache dir: no line
+    assert compile_cache.CompileCacheReport("d", counts(4, 5, 0, 0), had_entries=False).verdict == "miss"
+    assert compile_cache.CompileCacheReport("d", counts(4, 5, 0, 0), had_entries=True).verdict == "partial hit"
+    assert compile_cache.log_compile_cache(EngineConfig(compile=True), before) is None  # no cache dir: no line

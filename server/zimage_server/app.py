@@ -175,13 +175,13 @@ class ZImageServer:
         log.info("serving %s on port %d", self.config.engine.model, self.port)
 
     def _load_sync(self) -> None:
-        from .engine import accel
+        from .engine import accel, compile_cache
         from .engine.engine import ZImageEngine
 
         cache_had_entries = False
         if self.config.engine.compile_cache_dir and self.config.engine.compile:
-            cache_had_entries = accel.use_compile_cache(self.config.engine.compile_cache_dir)
-        cache_before = accel.cache_counts()
+            cache_had_entries = compile_cache.use_compile_cache(self.config.engine.compile_cache_dir)
+        cache_before = compile_cache.cache_counts()
         started = time.monotonic()
         if self.engine is None:
             self.engine = ZImageEngine.load(self.config.engine)
@@ -194,7 +194,7 @@ class ZImageServer:
         # Eager has nothing to compile or load (a first request runs as fast as a second: measured, issue 17):
         # only the timed step, for the scheduler's first estimate; a full image here cost ~0.6 s of start-up.
         batches = sorted({1, min(2, self.config.scheduler.max_batch_size)}) if self.config.engine.compile else []
-        loaded = accel.cache_counts()
+        loaded = compile_cache.cache_counts()
         if loaded.block_loaded > cache_before.block_loaded and loaded.block_compiled == cache_before.block_compiled:
             # Every block graph came from --compile-cache-dir and the load's pre-warm met them all: a warm-up
             # pass would compile nothing more (a variant it lacked would be compiled at its first use, and saved).
@@ -209,7 +209,8 @@ class ZImageServer:
         self.engine.packed_forwards = self.config.scheduler.mix_resolutions == "packed"
         if self.config.scheduler.batching == "step" and self.config.scheduler.mix_resolutions == "auto":
             self._mix_table = self.engine.calibrate_mixing(sizes) if len(sizes) > 1 else {}
-        accel.log_compile_cache(self.config.engine, cache_before, cache_had_entries)  # load's compile and the warm-up's
+        # One line for the load's compile and the warm-up's.
+        compile_cache.log_compile_cache(self.config.engine, cache_before, cache_had_entries)
         self._recompiles_seen = accel.recompilations()
         if batches:
             log.info("warm-up of %s x batch %s took %.1f s", sizes, batches, warm_s)
