@@ -186,6 +186,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     report = {
         "name": f"cpu-{args.preset}",
+        "device": "cpu",
         "description": f"{args.preset} preset on this CPU ({os.cpu_count()} cores, torch {torch.__version__}, "
                        f"{torch.get_num_threads()} threads, float32), measured by bench/fit_cost_model.py",
         "source": "measured here: python bench/fit_cost_model.py --preset " + args.preset,

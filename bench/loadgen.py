@@ -7,7 +7,10 @@ Setups (``--setups``, run one after the other in one process, on one loaded mode
               does. In-process, no gRPC.
 - ``batch1``  our server, dynamic batching with ``max_batch_size=1``.
 - ``dynamic`` our server, dynamic batching (``--max-batch-size``, ``--max-queue-delay-ms``).
-- ``step``    our server, step-level (continuous) batching with the same batch cap (server defaults).
+- ``default`` our server with its own defaults for the device (``--batching`` etc. left ``auto``:
+              config.DEVICE_DEFAULTS) and the same batch cap.
+- ``step``    our server, step-level (continuous) batching with the same batch cap (the device's defaults
+              for the step settings).
 - ``step-interleave`` / ``step-age`` / ``step-fair``  step mode with that ``--step-policy`` (and
               ``--max-tokens-per-step``, ``--slo-factor`` as given here).
 - ``remote``  a server that is already running at ``--target`` (no model is loaded here).
@@ -75,7 +78,7 @@ from zimage_server.types import GenerationRequest, ImageFormat
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 STEP_ORDERS = ("interleave", "age", "fair")
-SERVER_SETUPS = ("batch1", "dynamic", "step", *(f"step-{o}" for o in STEP_ORDERS))
+SERVER_SETUPS = ("default", "batch1", "dynamic", "step", *(f"step-{o}" for o in STEP_ORDERS))
 ALL_SETUPS = ("naive", *SERVER_SETUPS, "remote")
 SUBJECTS = (
     "a red fox in fresh snow at dawn", "a lighthouse on a cliff in a storm", "a bowl of ramen on a wooden table",
@@ -608,6 +611,7 @@ def server_config(args: argparse.Namespace, setup: str) -> Any:
     from zimage_server.config import EngineConfig, SchedulerConfig, ServerConfig
 
     scheduler = {
+        "default": SchedulerConfig(max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms),
         "batch1": SchedulerConfig(batching="request", max_batch_size=1, max_queue_delay_ms=0.0),
         "dynamic": SchedulerConfig(batching="request", max_batch_size=args.max_batch_size,
                                    max_queue_delay_ms=args.max_queue_delay_ms),

@@ -52,7 +52,8 @@ from zimage_server.scheduler.state import RequestState
 from zimage_server.types import GenerationRequest, ImageFormat
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-POLICIES = ("request", *(p.value for p in StepOrder))
+# "default": the server's own defaults on the cost model's device (config.DEVICE_DEFAULTS), flags left auto.
+POLICIES = ("request", *(p.value for p in StepOrder), "default")
 
 
 # ---------------------------------------------------------------------- traces
@@ -157,6 +158,7 @@ class CostModel:
     rpc_overhead_s: float = 0.0  # per request: the client's round trip, not engine time
     mix_padded: bool = True  # False: a mixed forward costs the sum of tokens even unpacked (the old what-if)
     packed_per_sample_s: float = 0.0  # a packed forward's extra cost per sample (engine/packed.py's segment loop)
+    device: str = "cpu"  # what the server's auto settings resolve for ("cpu" or "cuda")
 
     @classmethod
     def load(cls, path: pathlib.Path) -> CostModel:
@@ -170,13 +172,13 @@ class CostModel:
             output_per_token_s=data.get("output_encode", {}).get("per_token_s", 0.0),
             scheduler_overhead_s=data.get("scheduler_overhead_s", 0.0), rpc_overhead_s=data.get("rpc_overhead_s", 0.0),
             mix_padded=data.get("mix_padded", True),
-            packed_per_sample_s=data.get("packed", {}).get("per_sample_s", 0.0),
+            packed_per_sample_s=data.get("packed", {}).get("per_sample_s", 0.0), device=data.get("device", "cpu"),
         )
 
     def scaled(self, k: float) -> CostModel:
         """Every cost times ``k`` (a uniformly slower or faster machine)."""
         fields = {f.name: getattr(self, f.name) * k for f in dataclasses.fields(self)
-                  if f.name not in ("name", "mix_padded")}
+                  if f.name not in ("name", "mix_padded", "device")}
         return dataclasses.replace(self, name=f"{self.name}x{k:g}", **fields)
 
     def forward_s(self, tokens: Sequence[int], packed: bool = False) -> float:
@@ -228,18 +230,21 @@ class SchedulerKnobs:
     max_queue_delay_ms: float = 10.0
     priority_aging_s: float = 10.0
     max_tokens_per_step: int = 0
-    mix_resolutions: str = "auto"
+    mix_resolutions: str = "measured"
     slo_factor: float = 4.0
 
-    def config(self, policy: str) -> SchedulerConfig:
-        """The server's configuration for ``policy`` ("request", or a step order)."""
+    def config(self, policy: str, device: str = "cpu") -> SchedulerConfig:
+        """The server's configuration for ``policy`` ("request", a step order, or "default": the server's
+        defaults on ``device``), resolved as the server resolves it."""
+        common = dict(max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms,
+                      priority_aging_s=self.priority_aging_s, slo_factor=self.slo_factor)
+        if policy == "default":
+            return SchedulerConfig(**common).resolved(device)
         step = policy != "request"
         return SchedulerConfig(
             batching="step" if step else "request", step_policy=policy if step else "interleave",
-            max_batch_size=self.max_batch_size, max_queue_delay_ms=self.max_queue_delay_ms,
-            priority_aging_s=self.priority_aging_s, max_tokens_per_step=self.max_tokens_per_step,
-            mix_resolutions=self.mix_resolutions, slo_factor=self.slo_factor,
-        )
+            max_tokens_per_step=self.max_tokens_per_step, mix_resolutions=self.mix_resolutions, **common,
+        ).resolved(device)
 
 
 class ServerPolicy:
@@ -292,8 +297,8 @@ def make_policy(name: str, cost: CostModel, knobs: SchedulerKnobs, sizes: Sequen
     """The server's policy ``name`` with what the server knows after its warm-up (one step at the first size,
     the mixing table in step mode)."""
     first = (sizes[0][0] // 16) * (sizes[0][1] // 16)
-    config = knobs.config(name)
-    table = mix_table_for(cost, sizes) if name != "request" else {}
+    config = knobs.config(name, cost.device)
+    table = mix_table_for(cost, sizes) if config.batching == "step" else {}
     return ServerPolicy(name, config, table, cost.forward_s([first]))
 
 
@@ -511,7 +516,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--max-queue-delay-ms", type=float, default=10.0)
     p.add_argument("--max-tokens-per-step", type=int, default=0)
-    p.add_argument("--mix-resolutions", choices=("auto", "always", "never", "packed"), default="auto",
+    p.add_argument("--mix-resolutions", choices=("measured", "always", "never", "packed", "auto"), default="measured",
                    help="the server's flag; packed: mixed sizes share padding-free forwards (engine/packed.py)")
     p.add_argument("--cost-scale", type=float, default=1.0,
                    help="multiply every cost (e.g. a machine k times slower than the one the model was fitted on)")

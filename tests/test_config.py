@@ -29,14 +29,37 @@ def test_metrics_bind_defaults_to_loopback_with_auth(tmp_path):
     assert explicit.metrics_host == "0.0.0.0"
 
 
+def test_scheduler_settings_left_auto_take_the_device_defaults():
+    """Issue 19: step mode on every device; on a CPU the fair order and a one-512²-image token budget, on a GPU
+    packed forwards of every size and no budget. What a flag sets is kept."""
+    cpu = config_from_args([], environ={}).scheduler.resolved("cpu")
+    assert (cpu.batching, cpu.step_policy, cpu.max_tokens_per_step, cpu.mix_resolutions) == ("step", "fair", 1024,
+                                                                                              "measured")
+    gpu = config_from_args([], environ={}).scheduler.resolved("cuda:0")
+    assert (gpu.batching, gpu.step_policy, gpu.max_tokens_per_step, gpu.mix_resolutions) == ("step", "age", 0, "packed")
+    argv = ["--batching", "request", "--step-policy", "interleave", "--max-tokens-per-step", "0",
+            "--mix-resolutions", "never"]
+    pinned = config_from_args(argv, environ={}).scheduler
+    for device in ("cpu", "cuda"):
+        kept = pinned.resolved(device)
+        assert (kept.batching, kept.step_policy, kept.max_tokens_per_step, kept.mix_resolutions) == (
+            "request", "interleave", 0, "never")
+    assert config_from_args([], environ={}).scheduler.unresolved() == [
+        "batching", "step_policy", "mix_resolutions", "max_tokens_per_step"]
+    assert pinned.unresolved() == [] and cpu.unresolved() == []
+
+
 @pytest.mark.parametrize("argv,message", [
-    (["--batching", "continuous"], "--batching must be request or step"),
+    (["--batching", "continuous"], "--batching must be auto, request or step"),
     (["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
     (["--preferred-batch-sizes", "2,16", "--max-batch-size", "8"], "--preferred-batch-sizes: 16"),
     (["--quantize", "int3"], "--quantize must be one of"),
     (["--compile", "--quantize", "int8", "--quant-backend", "quanto"], "--compile cannot be combined"),
     (["--tls-cert", "a.pem"], "--tls-cert and --tls-key must be given together"),
     (["--max-batch-size", "many"], "--max-batch-size: cannot parse"),
+    (["--max-tokens-per-step=-1"], "--max-tokens-per-step must be >= 0"),
+    (["--mix-resolutions", "padded"], "--mix-resolutions must be auto, measured, always, never or packed"),
+    (["--step-policy", "lottery"], "--step-policy must be auto, interleave, age or fair"),
 ])
 def test_invalid_configuration_says_how_to_fix_it(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

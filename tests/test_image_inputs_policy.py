@@ -22,7 +22,7 @@ def req(rid, *, strength=None, control=False, steps=8):
 
 
 def test_request_mode_batches_img2img_only_with_the_same_start_step():
-    policy = RequestModePolicy(SchedulerConfig(batching="request", max_queue_delay_ms=0))
+    policy = RequestModePolicy(SchedulerConfig(batching="request", max_queue_delay_ms=0).resolved("cpu"))
     queue = [Waiting(r.request_id, r, i, 0.0, None, 0.0) for i, r in enumerate([
         req("i2i-a", strength=0.5), req("text"), req("i2i-b", strength=0.5), req("i2i-c", strength=0.75),
         req("cn", control=True),
@@ -35,7 +35,7 @@ def test_request_mode_batches_img2img_only_with_the_same_start_step():
 
 
 def test_step_mode_runs_img2img_control_and_text_slots_in_one_forward():
-    policy = StepModePolicy(SchedulerConfig(batching="step"))
+    policy = StepModePolicy(SchedulerConfig(batching="step", max_tokens_per_step=0).resolved("cpu"))
     running = [Running(r.request_id, r, i, 0) for i, r in enumerate([
         req("text"), req("i2i", strength=0.3), req("cn", control=True), req("inpaint", strength=0.9),
     ])]

@@ -39,10 +39,13 @@ def running(rid: str, last_tick: int, *, seq: int = 0, **kw) -> Running:
 
 def request_policy(**kw) -> RequestModePolicy:
     kw.setdefault("max_queue_delay_ms", 50)
-    return RequestModePolicy(SchedulerConfig(batching="request", **kw))
+    return RequestModePolicy(SchedulerConfig(batching="request", **kw).resolved("cpu"))
 
 
 def step_policy(order: str = "interleave", **kw) -> StepModePolicy:
+    # The contracts hold for any budget and mixing; these tests pin the simplest (no budget, measured mixing).
+    kw.setdefault("mix_resolutions", "measured")
+    kw.setdefault("max_tokens_per_step", 0)
     return StepModePolicy(SchedulerConfig(batching="step", step_policy=order, **kw))
 
 
@@ -53,8 +56,14 @@ CTX = Context(cap_images=4)
 
 
 def test_the_mode_picks_the_policy_class():
-    assert type(make_policy(SchedulerConfig(batching="request"))) is RequestModePolicy
-    assert type(make_policy(SchedulerConfig(batching="step"))) is StepModePolicy
+    assert type(make_policy(SchedulerConfig(batching="request").resolved("cpu"))) is RequestModePolicy
+    assert type(make_policy(SchedulerConfig(batching="step").resolved("cpu"))) is StepModePolicy
+    assert type(make_policy(SchedulerConfig().resolved("cuda:0"))) is StepModePolicy
+
+
+def test_a_policy_refuses_settings_left_to_the_device():
+    with pytest.raises(ValueError, match="batching, step_policy, mix_resolutions, max_tokens_per_step left to the device"):
+        make_policy(SchedulerConfig())
 
 
 # ---------------------------------------------------------------------------- request mode
@@ -128,8 +137,8 @@ def test_step_mode_interleaves_resolutions_it_does_not_mix():
     assert policy.plan(0.0, [], [running("small", 5), running("big", 6, seq=1, w=128)], CTX).forward == ("small",)
     mixing = step_policy(mix_resolutions="always")
     assert mixing.plan(0.0, [], [small, big], CTX).forward == ("big", "small")
-    # auto: the measured table decides.
-    auto = step_policy(mix_resolutions="auto")
+    # measured (the CPU's auto): the table measured at warm-up decides.
+    auto = step_policy(mix_resolutions="measured")
     table = Context(cap_images=4, mix_table={frozenset({16, 32}): True})  # 64x64, 128x64 tokens
     assert auto.plan(0.0, [], [small, big], table).forward == ("big", "small")
     assert auto.plan(0.0, [], [small, big], CTX).forward == ("big",)

@@ -60,22 +60,24 @@ async def test_mid_flight_joins_and_mixed_resolutions_equal_solo_images(make_ser
         assert np.abs(ours - ref).max() <= 1, prompt
 
 
-async def test_step_mode_calibrates_mixing_at_warm_up_and_the_scheduler_uses_the_table(tiny_engine):
-    """With --mix-resolutions auto and several warm-up sizes, the server measures whether each pair of
-    token counts is cheaper mixed or apart, and hands that table to the scheduler."""
+async def test_a_server_left_to_its_defaults_runs_step_mode_with_the_cpu_settings_and_calibrates_mixing(tiny_engine):
+    """No scheduler flags on a CPU (issue 19's measured default): step mode, the fair order, a 1024-token
+    budget, padded mixing where measured. With several warm-up sizes the server measures whether each pair
+    of token counts is cheaper mixed or apart, and hands that table to the scheduler."""
     from zimage.v1 import zimage_pb2 as pb
     from zimage_server.app import ZImageServer
     from zimage_server.config import EngineConfig, SchedulerConfig, ServerConfig
 
     config = ServerConfig(engine=EngineConfig(model="tiny", warmup_sizes=((256, 256), (128, 128))),
-                          scheduler=SchedulerConfig(batching="step", max_batch_size=4, mix_resolutions="auto"),
-                          host="127.0.0.1", port=0, metrics_port=0)
+                          scheduler=SchedulerConfig(max_batch_size=4), host="127.0.0.1", port=0, metrics_port=0)
     server = ZImageServer(config, engine=tiny_engine)
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
             info = await pb_grpc.ImageGenerationServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest())
-        assert info.batching == "step"
+        assert (info.batching, info.step_policy, info.max_tokens_per_step, info.mix_resolutions) == (
+            "step", "fair", 1024, "measured")
+        assert server.scheduler.config.unresolved() == [] and server.scheduler.config.step_policy == "fair"
         # 256x256 and 128x128 are 256 and 64 image tokens: one pair, measured.
         assert set(server.scheduler.mix_table) == {frozenset({256, 64})}
         assert all(isinstance(v, bool) for v in server.scheduler.mix_table.values())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import pathlib
@@ -27,7 +28,7 @@ from zimage.v1 import zimage_pb2_grpc as pb_grpc
 from . import __version__
 from .config import ServerConfig
 from .metrics import EngineCollector, EngineReadings, Metrics
-from .scheduler import Scheduler
+from .scheduler import BatchingMode, Scheduler, describe_scheduler
 from .transport.codec import Limits, format_to_pb
 from .auth import load_token
 from .transport.interceptors import AuthInterceptor
@@ -158,7 +159,7 @@ class ZImageServer:
             await self._close_listeners()
             return
         registry = getattr(self.engine, "loras", None)  # None without --lora-dir (and on fake engines)
-        scheduler = Scheduler(self.engine, self.config.scheduler, self.metrics,
+        scheduler = Scheduler(self.engine, self.config.scheduler, self.metrics, device=self.engine.description.device,
                               estimated_step_s=self._warm_step_s, mix_table=self._mix_table, adapters=registry)
         scheduler.start()
         self.scheduler = scheduler
@@ -205,9 +206,13 @@ class ZImageServer:
             # Compilation happens at load (pre-warm of every block variant) and at the warm-up's first shapes.
             self.metrics.compile.set(desc.compile_s + warm_s)
         self._warm_step_s = getattr(self.engine, "last_step_s", 0.0)
+        # Scheduler settings left "auto" take the defaults of the device the model landed on (config.DEVICE_DEFAULTS).
+        sched = self.config.scheduler.resolved(desc.device)
+        self.config = dataclasses.replace(self.config, scheduler=sched)
+        log.info("scheduler: %s", describe_scheduler(sched))
         # Set on every start: tests share one engine between servers of different configurations.
-        self.engine.packed_forwards = self.config.scheduler.mix_resolutions == "packed"
-        if self.config.scheduler.batching == "step" and self.config.scheduler.mix_resolutions == "auto":
+        self.engine.packed_forwards = sched.mix_resolutions == "packed"
+        if BatchingMode(sched.batching) is BatchingMode.STEP and sched.mix_resolutions == "measured":
             self._mix_table = self.engine.calibrate_mixing(sizes) if len(sizes) > 1 else {}
         # One line for the load's compile and the warm-up's.
         compile_cache.log_compile_cache(self.config.engine, cache_before, cache_had_entries)
@@ -328,6 +333,9 @@ class ZImageServer:
             controlnet=desc.controlnet,
             transformer_file=desc.transformer_file,
             distilled=desc.distilled,
+            step_policy=cfg.scheduler.step_policy,
+            max_tokens_per_step=cfg.scheduler.max_tokens_per_step,
+            mix_resolutions=cfg.scheduler.mix_resolutions,
         )
 
     def _build_labels(self) -> dict[str, str]:

@@ -72,14 +72,43 @@ class EngineConfig:
             raise ConfigError("--max-loaded-lora-mib must be >= 0 and --max-lora-rank >= 1")
 
 
+AUTO = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDefaults:
+    """What ``auto`` scheduler settings become on one kind of device (``SchedulerConfig.resolved``)."""
+
+    batching: str
+    step_policy: str
+    max_tokens_per_step: int
+    mix_resolutions: str
+
+
+# The defaults measured best on mixed resolutions (issue 19; the evidence is in docs/benchmarks.md, "Step
+# policies and the scheduler simulator"):
+# - CPU: step mode, ``fair`` order, one 512² image of tokens per forward, sizes mixed (padded) only where the
+#   warm-up measured it pays. Real runs against request mode: p50 0.37-0.81x, p99 0.60-0.83x, throughput
+#   1.00-1.07x. Batching barely pays here, so the token budget stops joins that cost more than they save.
+# - GPU: step mode with padding-free packed forwards and no budget, every running request in every forward
+#   (the order then only matters for LoRA forwards, which stay padded: ``age`` keeps them first come, first
+#   served). Simulated at 70% load with the server's max batch 4: p50 0.45-0.55x, p99 0.50-0.65x request
+#   mode's; with a per-sample packing overhead assumed (1.5 ms), not yet measured on a GPU.
+DEVICE_DEFAULTS: dict[str, StepDefaults] = {
+    "cpu": StepDefaults(batching="step", step_policy="fair", max_tokens_per_step=1024, mix_resolutions="measured"),
+    "cuda": StepDefaults(batching="step", step_policy="age", max_tokens_per_step=0, mix_resolutions="packed"),
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class SchedulerConfig:
-    """Batching policy and queue limits."""
+    """Batching policy and queue limits.
 
-    # Request-level (dynamic) batching is the default since issue 19: on mixed resolutions it measured and
-    # simulated better than step mode's default order (docs/benchmarks.md); step mode wins on one size and,
-    # on a CPU, with --step-policy fair --max-tokens-per-step 1024.
-    batching: str = "request"  # request | step
+    ``batching``, ``step_policy``, ``mix_resolutions`` left ``auto`` and ``max_tokens_per_step`` left None take
+    the device's defaults (``DEVICE_DEFAULTS``) once the engine's device is known: ``resolved(device)``.
+    """
+
+    batching: str = AUTO  # auto | request | step
     split_lora_batches: bool = False  # issue-9 behaviour: different adapter sets never share a forward (bench)
     max_batch_size: int = 4
     preferred_batch_sizes: tuple[int, ...] = ()
@@ -87,14 +116,36 @@ class SchedulerConfig:
     max_queue_size: int = 64
     default_timeout_ms: int = 300_000
     priority_aging_s: float = 10.0
-    max_tokens_per_step: int = 0  # 0: no token budget
-    mix_resolutions: str = "auto"  # auto | always | never (padded forwards) | packed (padding-free, issue 19)
-    step_policy: str = "interleave"  # interleave | age | fair: which request leads each step-mode forward
+    max_tokens_per_step: int | None = None  # None: the device default; 0: no token budget
+    # auto | measured (padded, where the warm-up measured it pays) | always | never (padded forwards) |
+    # packed (padding-free, issue 19)
+    mix_resolutions: str = AUTO
+    step_policy: str = AUTO  # auto | interleave | age | fair: which request leads each step-mode forward
     slo_factor: float = 4.0  # fair step policy: latency target = this x the request's service time alone
 
+    def resolved(self, device: str) -> SchedulerConfig:
+        """This configuration with every ``auto`` setting replaced by ``device``'s default ("cpu", "cuda:0", ...;
+        devices other than CUDA take the CPU's)."""
+        defaults = DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
+        return dataclasses.replace(
+            self,
+            batching=defaults.batching if self.batching == AUTO else self.batching,
+            step_policy=defaults.step_policy if self.step_policy == AUTO else self.step_policy,
+            max_tokens_per_step=(defaults.max_tokens_per_step if self.max_tokens_per_step is None
+                                 else self.max_tokens_per_step),
+            mix_resolutions=defaults.mix_resolutions if self.mix_resolutions == AUTO else self.mix_resolutions,
+        )
+
+    def unresolved(self) -> list[str]:
+        """The settings still left to the device (empty once ``resolved``)."""
+        return [name for name, value in (("batching", self.batching), ("step_policy", self.step_policy),
+                                         ("mix_resolutions", self.mix_resolutions),
+                                         ("max_tokens_per_step", self.max_tokens_per_step))
+                if value in (AUTO, None)]
+
     def validate(self) -> None:
-        if self.batching not in ("request", "step"):
-            raise ConfigError(f"--batching must be request or step (got {self.batching!r})")
+        if self.batching not in (AUTO, "request", "step"):
+            raise ConfigError(f"--batching must be auto, request or step (got {self.batching!r})")
         if self.max_batch_size < 1:
             raise ConfigError("--max-batch-size must be >= 1")
         for size in self.preferred_batch_sizes:
@@ -110,12 +161,15 @@ class SchedulerConfig:
             raise ConfigError("--default-timeout-ms must be > 0")
         if self.priority_aging_s <= 0:
             raise ConfigError("--priority-aging-s must be > 0")
-        if self.step_policy not in ("interleave", "age", "fair"):
-            raise ConfigError(f"--step-policy must be interleave, age or fair (got {self.step_policy!r})")
+        if self.step_policy not in (AUTO, "interleave", "age", "fair"):
+            raise ConfigError(f"--step-policy must be auto, interleave, age or fair (got {self.step_policy!r})")
+        if self.max_tokens_per_step is not None and self.max_tokens_per_step < 0:
+            raise ConfigError(f"--max-tokens-per-step must be >= 0 (got {self.max_tokens_per_step})")
         if self.slo_factor < 1:
             raise ConfigError("--slo-factor must be >= 1 (a target shorter than the service time alone is always missed)")
-        if self.mix_resolutions not in ("auto", "always", "never", "packed"):
-            raise ConfigError("--mix-resolutions must be auto, always, never or packed")
+        if self.mix_resolutions not in (AUTO, "measured", "always", "never", "packed"):
+            raise ConfigError(f"--mix-resolutions must be auto, measured, always, never or packed "
+                              f"(got {self.mix_resolutions!r})")
 
 
 @dataclasses.dataclass(frozen=True)

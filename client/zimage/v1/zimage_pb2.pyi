@@ -257,7 +257,7 @@ class Defaults(_message.Message):
     def __init__(self, width_px: _Optional[int] = ..., height_px: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., quality: _Optional[int] = ..., preview_max_side_px: _Optional[int] = ..., img2img_strength: _Optional[float] = ..., inpaint_strength: _Optional[float] = ..., control_conditioning_scale: _Optional[float] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("model_id", "dtype", "device", "quantization", "quant_backend", "compiled", "attention_backend", "batching", "defaults", "limits", "server_version", "output_formats", "is_preset", "transformer_parameters", "transformer_weight_bytes", "offload", "controlnet_loaded", "controlnet", "transformer_file", "distilled")
+    __slots__ = ("model_id", "dtype", "device", "quantization", "quant_backend", "compiled", "attention_backend", "batching", "defaults", "limits", "server_version", "output_formats", "is_preset", "transformer_parameters", "transformer_weight_bytes", "offload", "controlnet_loaded", "controlnet", "transformer_file", "distilled", "step_policy", "max_tokens_per_step", "mix_resolutions")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -278,6 +278,9 @@ class GetModelInfoResponse(_message.Message):
     CONTROLNET_FIELD_NUMBER: _ClassVar[int]
     TRANSFORMER_FILE_FIELD_NUMBER: _ClassVar[int]
     DISTILLED_FIELD_NUMBER: _ClassVar[int]
+    STEP_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MIX_RESOLUTIONS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dtype: str
     device: str
@@ -298,7 +301,10 @@ class GetModelInfoResponse(_message.Message):
     controlnet: str
     transformer_file: str
     distilled: bool
-    def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., quant_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., attention_backend: _Optional[str] = ..., batching: _Optional[str] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., output_formats: _Optional[_Iterable[_Union[ImageFormat, str]]] = ..., is_preset: _Optional[bool] = ..., transformer_parameters: _Optional[int] = ..., transformer_weight_bytes: _Optional[int] = ..., offload: _Optional[bool] = ..., controlnet_loaded: _Optional[bool] = ..., controlnet: _Optional[str] = ..., transformer_file: _Optional[str] = ..., distilled: _Optional[bool] = ...) -> None: ...
+    step_policy: str
+    max_tokens_per_step: int
+    mix_resolutions: str
+    def __init__(self, model_id: _Optional[str] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., quantization: _Optional[str] = ..., quant_backend: _Optional[str] = ..., compiled: _Optional[bool] = ..., attention_backend: _Optional[str] = ..., batching: _Optional[str] = ..., defaults: _Optional[_Union[Defaults, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., output_formats: _Optional[_Iterable[_Union[ImageFormat, str]]] = ..., is_preset: _Optional[bool] = ..., transformer_parameters: _Optional[int] = ..., transformer_weight_bytes: _Optional[int] = ..., offload: _Optional[bool] = ..., controlnet_loaded: _Optional[bool] = ..., controlnet: _Optional[str] = ..., transformer_file: _Optional[str] = ..., distilled: _Optional[bool] = ..., step_policy: _Optional[str] = ..., max_tokens_per_step: _Optional[int] = ..., mix_resolutions: _Optional[str] = ...) -> None: ...
 
 class ListLorasRequest(_message.Message):
     __slots__ = ()

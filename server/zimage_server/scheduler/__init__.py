@@ -7,6 +7,7 @@ state.py (per-request state and its bounded event channel), estimates.py (servic
 """
 
 from .core import EngineLike, RequestHandle, Scheduler
-from .policy import BatchingMode, Plan, Policy, compat_key, make_policy
+from .policy import BatchingMode, Plan, Policy, compat_key, describe_scheduler, make_policy
 
-__all__ = ["BatchingMode", "EngineLike", "Plan", "Policy", "RequestHandle", "Scheduler", "compat_key", "make_policy"]
+__all__ = ["BatchingMode", "EngineLike", "Plan", "Policy", "RequestHandle", "Scheduler", "compat_key",
+           "describe_scheduler", "make_policy"]

@@ -73,8 +73,9 @@ class Scheduler:
     def __init__(self, engine: EngineLike, config: SchedulerConfig, metrics: Metrics | None = None, *,
                  clock: Callable[[], float] = time.monotonic, estimated_step_s: float = 0.0,
                  mix_table: dict[frozenset[int], bool] | None = None, oom_recovery_s: float = OOM_RECOVERY_S,
-                 adapters: AdapterGate | None = None):
+                 adapters: AdapterGate | None = None, device: str = "cpu"):
         config.validate()
+        config = config.resolved(device)  # settings left "auto" take the defaults of the engine's device
         self.engine = engine
         self.adapters = adapters  # None: no --lora-dir (every request is ready)
         self.config = config

@@ -61,11 +61,12 @@ class StepOrder(enum.Enum):
 
 
 class MixPolicy(enum.Enum):
-    """``--mix-resolutions``: whether (and how) different resolutions share one forward. ``always`` / ``auto``
+    """``--mix-resolutions``: whether (and how) different resolutions share one forward. ``always`` / ``measured``
     (when the warm-up measured it pays): diffusers' padded forward; ``packed``: the engine's padding-free
-    packed forward (engine/packed.py), so any sizes share a forward at the cost of their own tokens."""
+    packed forward (engine/packed.py), so any sizes share a forward at the cost of their own tokens.
+    (``auto`` is resolved to the device's choice before a policy sees it: config.DEVICE_DEFAULTS.)"""
 
-    AUTO = "auto"
+    MEASURED = "measured"
     ALWAYS = "always"
     NEVER = "never"
     PACKED = "packed"
@@ -155,6 +156,7 @@ class Policy(abc.ABC):
     """A batching policy; see the module docstring for the contracts."""
 
     def __init__(self, config: SchedulerConfig):
+        _require_resolved(config)
         self.config = config
 
     @abc.abstractmethod
@@ -324,5 +326,22 @@ POLICIES: dict[BatchingMode, type[Policy]] = {BatchingMode.REQUEST: RequestModeP
 
 
 def make_policy(config: SchedulerConfig) -> Policy:
-    """The policy of ``config.batching``."""
+    """The policy of ``config.batching`` (a configuration resolved for the device: ``config.resolved``)."""
+    _require_resolved(config)
     return POLICIES[BatchingMode(config.batching)](config)
+
+
+def _require_resolved(config: SchedulerConfig) -> None:
+    if config.unresolved():
+        raise ValueError(f"{', '.join(config.unresolved())} left to the device: pass config.resolved(device)")
+
+
+def describe_scheduler(config: SchedulerConfig) -> str:
+    """One line for the start-up log: what the (resolved) configuration batches, and how."""
+    if BatchingMode(config.batching) is BatchingMode.REQUEST:
+        return (f"request batching (dynamic), up to {config.max_batch_size} images per batch, "
+                f"waiting up to {config.max_queue_delay_ms:g} ms for company")
+    budget = (f"at most {config.max_tokens_per_step} image tokens per forward" if config.max_tokens_per_step
+              else "no token budget")
+    return (f"step batching (continuous), {config.step_policy} order, up to {config.max_batch_size} images and "
+            f"{budget} per forward, sizes mixed: {config.mix_resolutions}")
