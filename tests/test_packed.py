@@ -66,9 +66,11 @@ def test_packed_forward_with_cfg_rows_equals_each_row_alone(tiny_engine):
             assert close(out[i], solo), i
 
 
-def test_packed_forward_adds_controlnet_residuals_per_sample(tiny_engine_controlnet):
+@pytest.mark.parametrize("control_first", [True, False])
+def test_packed_forward_adds_controlnet_residuals_per_sample(tiny_engine_controlnet, control_first):
     """ControlNet residuals arrive padded ([samples, longest, dim], as the engine and diffusers make them): each
-    sample gets its own rows, so a control sample next to a plain one of another size equals it alone."""
+    sample gets its own rows, so a control sample next to a plain one of another size equals it alone, in
+    either order (the packed forward sorts samples by length: the residuals follow their samples)."""
     engine = tiny_engine_controlnet
     tr = engine.transformer
     x, caps = inputs(tr, [(32, 32), (48, 64)], [9, 50], seed=3)
@@ -78,14 +80,47 @@ def test_packed_forward_adds_controlnet_residuals_per_sample(tiny_engine_control
         hints = engine.controlnet([x[0]], t[:1], [caps[0]], [control], conditioning_scale=0.8)
         solo0 = tr([x[0]], t[:1], [caps[0]], controlnet_block_samples=hints, return_dict=False)[0][0]
         solo1 = tr([x[1]], t[1:], [caps[1]], return_dict=False)[0][0]
+        order = [0, 1] if control_first else [1, 0]
+        x, caps, t = [x[i] for i in order], [caps[i] for i in order], t[order]
+        row = order.index(0)  # where the control sample is now
         longest = max(unified_lengths(x, caps))
         padded = {}
         for layer, h in hints.items():
             full = h.new_zeros((2, max(longest, h.shape[1]), h.shape[2]))
-            full[0, : h.shape[1]] = h[0]
+            full[row, : h.shape[1]] = h[0]
             padded[layer] = full
         out = packed_forward(tr, x, t, caps, controlnet_block_samples=padded)
-    assert close(out[0], solo0) and close(out[1], solo1)
+    assert close(out[row], solo0) and close(out[1 - row], solo1)
+
+
+def test_samples_of_equal_length_share_one_attention_call_and_keep_their_order(tiny_engine, monkeypatch):
+    """Five samples in a scrambled order, two sizes twice: the packed forward sorts them by length, runs each
+    run of equal lengths as one batched attention call, and returns every sample in the caller's order equal
+    to diffusers' forward of it alone."""
+    from zimage_server.engine import packed
+
+    calls = []
+    real = packed.dispatch_attention_fn
+
+    def counting(q, *args, **kwargs):
+        calls.append(q.shape[0])
+        return real(q, *args, **kwargs)
+
+    monkeypatch.setattr(packed, "dispatch_attention_fn", counting)
+    tr = tiny_engine.transformer
+    # Image tokens 1024, 256, 1024, 256, 384; captions padded to 32, 32, 32, 64, 96.
+    x, caps = inputs(tr, [(64, 64), (32, 32), (64, 64), (32, 32), (48, 32)], [20, 5, 25, 40, 70], seed=5)
+    t = torch.tensor([0.1, 0.3, 0.5, 0.7, 0.9])
+    with torch.no_grad():
+        out = packed_forward(tr, x, t, caps)
+        # Sorted (image, caption): (256, 32) (256, 64) (384, 96) (1024, 32) (1024, 32).
+        # Image runs: 256 x2, 384, 1024 x2; caption runs: 32, 64, 96, 32 x2; main runs: 288, 320, 480, 1056 x2.
+        expected = [2, 1, 2] * len(tr.noise_refiner) + [1, 1, 1, 2] * len(tr.context_refiner) + \
+            [1, 1, 1, 2] * len(tr.layers)
+        assert calls == expected
+        for i in range(5):
+            solo = tr([x[i]], t[i : i + 1], [caps[i]], return_dict=False)[0][0]
+            assert out[i].shape == x[i].shape and close(out[i], solo), i
 
 
 def slot_request(rid, w, h, guidance=0.0, seed=0, prompt="p"):

@@ -9,10 +9,12 @@ copied) over every sample's tokens concatenated along the sequence, [1, sum of l
   tokens, exactly as it would per sample;
 - what depends on the sample is applied per segment: RoPE frequencies come from each sample's own
   position ids (diffusers' ``patchify_and_embed``), the timestep modulation (adaLN scale/gate, final
-  layer scale) is computed per sample and applied to its tokens, and attention runs per sample (one
-  ``dispatch_attention_fn`` call per segment: exact, and the simplest thing on a CPU; on a GPU the same
-  segments are what FlexAttention document masks or varlen flash attention (``cu_seqlens``) take in one
-  kernel, which is the path there);
+  layer scale) is computed per sample and applied to its tokens, and attention runs within each sample.
+  Samples are sorted by length first, so samples of equal length (a size's requests, CFG rows, images of
+  one request) lie side by side and each *run* of them is one batched call: one ``dispatch_attention_fn``
+  and one modulation multiply per run of equal lengths, not per sample. Exact, and the simplest thing on a
+  CPU; on a GPU the remaining runs are what FlexAttention document masks or varlen flash attention
+  (``cu_seqlens``) would take in one kernel (not built);
 - the order is diffusers': image tokens (each sample's inner padding to a multiple of 32 included, as a
   solo forward has it) through the noise refiner, caption tokens through the context refiner, then
   per sample [image, caption] through the main layers, the final layer and ``unpatchify``.
@@ -35,26 +37,52 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 
 @dataclasses.dataclass(frozen=True)
+class Run:
+    """``count`` consecutive samples from sample ``first`` on, each ``length`` tokens, from token ``start``."""
+
+    first: int
+    count: int
+    start: int
+    length: int
+
+    @property
+    def tokens(self) -> slice:
+        return slice(self.start, self.start + self.count * self.length)
+
+
+@dataclasses.dataclass(frozen=True)
 class Segments:
-    """Where each sample's tokens lie in a packed sequence: ``lengths[i]`` tokens of sample i, in order."""
+    """Where each sample's tokens lie in a packed sequence: ``lengths[i]`` tokens of sample i, in order;
+    ``runs``: consecutive samples of equal length, each processed as one batch."""
 
     lengths: tuple[int, ...]
+    runs: tuple[Run, ...]
 
     @classmethod
     def of(cls, lengths: Sequence[int]) -> Segments:
-        return cls(tuple(int(n) for n in lengths))
+        lengths = tuple(int(n) for n in lengths)
+        runs: list[Run] = []
+        start = 0
+        for i, n in enumerate(lengths):
+            if runs and runs[-1].length == n:
+                runs[-1] = dataclasses.replace(runs[-1], count=runs[-1].count + 1)
+            else:
+                runs.append(Run(first=i, count=1, start=start, length=n))
+            start += n
+        return cls(lengths, tuple(runs))
 
 
 def unified_lengths(x: Sequence[torch.Tensor], cap_feats: Sequence[torch.Tensor], patch_size: int = 2,
                     f_patch_size: int = 1) -> list[int]:
     """Each sample's sequence in the main layers: its image patches and caption tokens, each padded to a
     multiple of 32 as diffusers pads them (``SEQ_MULTI_OF``)."""
-    out = []
-    for xi, ci in zip(x, cap_feats, strict=True):
-        _, f, h, w = xi.shape
-        patches = (f // f_patch_size) * (h // patch_size) * (w // patch_size)
-        out.append(_round32(patches) + _round32(ci.shape[0]))
-    return out
+    return [_round32(_patches(xi, patch_size, f_patch_size)) + _round32(ci.shape[0])
+            for xi, ci in zip(x, cap_feats, strict=True)]
+
+
+def _patches(latents: torch.Tensor, patch_size: int, f_patch_size: int) -> int:
+    _, f, h, w = latents.shape
+    return (f // f_patch_size) * (h // patch_size) * (w // patch_size)
 
 
 def needs_padding(x: Sequence[torch.Tensor], cap_feats: Sequence[torch.Tensor]) -> bool:
@@ -79,12 +107,12 @@ def _attention(block: torch.nn.Module, hidden: torch.Tensor, freqs: torch.Tensor
     query = _rotary(query, freqs)
     key = _rotary(key, freqs)
     backend = getattr(attn.processor, "_attention_backend", None)
-    outs = [
-        dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=backend)
-        for q, k, v in zip(query.split(segments.lengths, dim=1), key.split(segments.lengths, dim=1),
-                           value.split(segments.lengths, dim=1), strict=True)
-    ]
-    hidden = torch.cat(outs, dim=1).flatten(2, 3).to(query.dtype)
+    outs = []
+    for run in segments.runs:  # a run of equal-length samples is one batch: [count, length, heads, head_dim]
+        q, k, v = (t[0, run.tokens].unflatten(0, (run.count, run.length)) for t in (query, key, value))
+        out = dispatch_attention_fn(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, backend=backend)
+        outs.append(out.flatten(0, 1))
+    hidden = torch.cat(outs).unsqueeze(0).flatten(2, 3).to(query.dtype)
     output = attn.to_out[0](hidden)
     if len(attn.to_out) > 1:  # dropout
         output = attn.to_out[1](output)
@@ -99,11 +127,14 @@ def _rotary(x_in: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def _scaled(x: torch.Tensor, rows: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """``x * rows[sample]`` token by token: each segment times its sample's [dim] row, broadcast as diffusers'
-    [batch, 1, dim] modulation is (no [tokens, dim] copy of the rows is made)."""
+    """``x * rows[sample]`` token by token: each run of equal-length segments as [count, length, dim] times its
+    samples' rows as [count, 1, dim], broadcast as diffusers' [batch, 1, dim] modulation is (no [tokens, dim]
+    copy of the rows is made). ``x`` is [1, tokens, dim], contiguous."""
     out = torch.empty_like(x)
-    for o, xs, row in zip(out.split(segments.lengths, dim=1), x.split(segments.lengths, dim=1), rows, strict=True):
-        torch.mul(xs, row, out=o)
+    for run in segments.runs:
+        shape = (run.count, run.length, x.shape[-1])
+        torch.mul(x[0, run.tokens].view(shape), rows[run.first: run.first + run.count].unsqueeze(1),
+                  out=out[0, run.tokens].view(shape))
     return out
 
 
@@ -145,7 +176,26 @@ def packed_forward(transformer: torch.nn.Module, x: Sequence[torch.Tensor], t: t
     of [L_i, cap_dim]; returns a list of [C, F, H, W]. ``controlnet_block_samples`` are diffusers'
     padded [samples, longest, dim] residuals (sample i's first ``unified_lengths[i]`` rows are its own).
     """
-    tr = transformer
+    # Samples of equal length side by side (image length, then caption length), so each run of them is one
+    # batched call per block (``Segments.runs``); the results go back in the caller's order.
+    image = [_round32(_patches(xi, patch_size, f_patch_size)) for xi in x]
+    caption = [_round32(c.shape[0]) for c in cap_feats]
+    order = sorted(range(len(x)), key=lambda i: (image[i], caption[i]))
+    hints = None
+    if controlnet_block_samples:
+        hints = {layer: h[order] for layer, h in controlnet_block_samples.items()}
+    out = _sorted_forward(transformer, [x[i] for i in order], t[order], [cap_feats[i] for i in order],
+                          hints, patch_size, f_patch_size)
+    result: list[torch.Tensor] = [out[0]] * len(order)
+    for position, sample in enumerate(order):
+        result[sample] = out[position]
+    return result
+
+
+def _sorted_forward(tr: torch.nn.Module, x: Sequence[torch.Tensor], t: torch.Tensor, cap_feats: Sequence[torch.Tensor],
+                    controlnet_block_samples: Mapping[int, torch.Tensor] | None, patch_size: int,
+                    f_patch_size: int) -> list[torch.Tensor]:
+    """``packed_forward`` over samples already in length order."""
     key = f"{patch_size}-{f_patch_size}"
     adaln_input = tr.t_embedder(t * tr.t_scale).type_as(x[0])  # [samples, 256]
     # diffusers' own patchify: per-sample patches and captions padded to 32 (pad flags), RoPE position ids.
