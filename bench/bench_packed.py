@@ -4,7 +4,9 @@ Runs the engine directly (``engine.start`` / ``engine.step``; no scheduler, no g
 256x256 + 512x512) it times, in rounds that rotate their order so drift on a shared machine hits every
 setup alike: ``apart`` (one forward per size, summed), ``padded`` (one forward, diffusers pads to the
 longest sequence) and ``packed`` (one padding-free forward). Reports medians (and minima: the least
-disturbed run) and the per-forward numbers the simulator's cost model takes.
+disturbed run) and the per-forward numbers the simulator's cost model takes, and the non-view aten
+operations one step dispatches (counted once per setup with a ``TorchDispatchMode``): on a GPU each is
+about one kernel launch, so their count is the launch overhead a CPU run can show.
 
 On a shared, oversubscribed machine wall-clock times mostly measure the other processes, so the script
 also records the CPU time this process spent (``time.process_time``), by default with one torch thread
@@ -27,8 +29,10 @@ import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from zimage_server.config import EngineConfig
 from zimage_server.engine.engine import Slot, ZImageEngine
 from zimage_server.types import GenerationRequest, ImageFormat
@@ -49,6 +53,7 @@ class MixPoint:
     padded_over_apart: float
     packed_over_apart: float
     packed_over_padded: float
+    aten_ops: dict[str, int]  # non-view aten operations of one step
 
 
 def _slots(engine: ZImageEngine, sizes: Sequence[tuple[int, int]]) -> list[Slot]:
@@ -75,13 +80,21 @@ def measure(engine: ZImageEngine, sizes: Sequence[tuple[int, int]], rounds: int)
             s.step_index = 0  # the cost does not depend on the step; keep the slots runnable
         engine.step(group)
 
+    by_size: dict[tuple[int, int], list[Slot]] = {}
+    for s in slots:
+        by_size.setdefault((s.width, s.height), []).append(s)
     runs = {
-        "apart": lambda: [step([s], False) for s in slots],
+        "apart": lambda: [step(group, False) for group in by_size.values()],
         "padded": lambda: step(slots, False),
         "packed": lambda: step(slots, True),
     }
     for fn in runs.values():  # warm every shape once
         fn()
+    ops = {}
+    for name, fn in runs.items():
+        with _OpCounter() as counter:
+            fn()
+        ops[name] = counter.count
     times: dict[str, list[float]] = {k: [] for k in SETUPS}
     walls: dict[str, list[float]] = {k: [] for k in SETUPS}
     for r in range(rounds):
@@ -97,7 +110,20 @@ def measure(engine: ZImageEngine, sizes: Sequence[tuple[int, int]], rounds: int)
     return MixPoint(mix=mix, rounds=rounds, median_ms=med, min_ms=low,
                     wall_median_ms={k: statistics.median(v) for k, v in walls.items()},
                     padded_over_apart=med["padded"] / med["apart"], packed_over_apart=med["packed"] / med["apart"],
-                    packed_over_padded=med["packed"] / med["padded"])
+                    packed_over_padded=med["packed"] / med["padded"], aten_ops=ops)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten operations dispatched inside it, views (no kernel) excluded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
 
 
 def _mixes(text: str) -> list[list[tuple[int, int]]]:
@@ -126,12 +152,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(f"preset {args.preset}, torch threads {torch.get_num_threads()}, {args.rounds} rounds; CPU ms per forward "
           "(median, min in brackets; wall-clock medians in the JSON)\n")
     print("| mix | apart (one forward per size) | padded (diffusers) | packed | padded / apart | packed / apart "
-          "| packed / padded |")
-    print("|---|---|---|---|---|---|---|")
+          "| packed / padded | aten ops per step: apart / padded / packed |")
+    print("|---|---|---|---|---|---|---|---|")
     for pt in points:
         cells = " | ".join(f"{pt.median_ms[k]:.0f} ({pt.min_ms[k]:.0f})" for k in SETUPS)
+        ops = " / ".join(str(pt.aten_ops[k]) for k in SETUPS)
         print(f"| {pt.mix} | {cells} | {pt.padded_over_apart:.2f} | {pt.packed_over_apart:.2f} "
-              f"| {pt.packed_over_padded:.2f} |")
+              f"| {pt.packed_over_padded:.2f} | {ops} |")
     report = {"benchmark": "packed", "preset": args.preset, "rounds": args.rounds,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "load_average": os.getloadavg()},
