@@ -275,7 +275,7 @@ class ServerPolicy:
         self.estimates.record_arrival(now)
 
     def observe_forward(self, states: Sequence[RequestState], seconds: float, tick: int) -> None:
-        self.estimates.record_step(max(s.request.key().tokens for s in states), seconds)
+        self.estimates.record_forward((s.request for s in states), seconds)
         for s in states:
             s.last_tick = tick
 

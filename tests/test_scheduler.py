@@ -391,10 +391,22 @@ async def test_step_mode_mixing_policy_and_token_budget():
     await sched.close()
 
 
-async def test_step_mode_auto_mixing_follows_the_measured_table():
+async def test_a_shared_forward_counts_as_one_step_of_every_size_in_it():
+    """Estimates (deadline checks, the fair order) hold what a step took for a request of each size: a forward
+    two sizes shared is a step of each of them, not only of the largest."""
+    engine = FakeEngine(step_s=0.02)
+    sched = make(engine, batching="step", max_batch_size=4, mix_resolutions="always", max_tokens_per_step=0)
+    await results(sched.submit(req("a", w=64, h=64, steps=3)), sched.submit(req("b", w=128, h=128, steps=3)))
+    shared = [ids for name, ids in engine.calls if name == "step" and set(ids) == {"a", "b"}]
+    assert shared and set(sched.estimates.step_s) == {16, 64}  # 64x64 and 128x128: 16 and 64 tokens
+    assert sched.estimates.step_s[16] >= 0.02 and sched.estimates.step_s[64] >= 0.02
+    await sched.close()
+
+
+async def test_step_mode_measured_mixing_follows_the_measured_table():
     for mix, expect_shared in ((True, True), (False, False)):
         engine = FakeEngine(step_s=0.005)
-        sched = Scheduler(engine, SchedulerConfig(batching="step", max_batch_size=4, mix_resolutions="auto"),
+        sched = Scheduler(engine, SchedulerConfig(batching="step", max_batch_size=4, mix_resolutions="measured"),
                           Metrics(), mix_table={frozenset({16, 64}): mix})
         sched.start()
         await results(sched.submit(req("a", w=64, h=64, steps=4)), sched.submit(req("b", w=128, h=128, steps=4)))

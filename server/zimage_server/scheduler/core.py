@@ -356,7 +356,7 @@ class Scheduler:
                                    elapsed_s=now - state.arrival))
         try:
             pixels, elapsed = await self.executor.forward([sl for s in states for sl in s.slots], previews.wanted(states))
-            self.estimates.record_step(max(s.request.key().tokens for s in states), elapsed)
+            self.estimates.record_forward((s.request for s in states), elapsed)
             stepped, offset = [], 0
             for state in states:
                 stepped.append((state, pixels[offset:offset + len(state.slots)], images))

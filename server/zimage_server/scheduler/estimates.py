@@ -9,7 +9,8 @@ from ..types import GenerationRequest
 
 
 class Estimates:
-    """Seconds per forward by image tokens per sample (EMA), fixed overhead per request, arrival gap."""
+    """Seconds of a step as a request of each size (image tokens per sample) experiences it (EMA over the
+    forwards it was in), fixed overhead per request, arrival gap."""
 
     def __init__(self, default_step_s: float = 0.0):
         self.default_step_s = default_step_s  # the warm-up's measurement, until real steps are seen
@@ -34,6 +35,12 @@ class Estimates:
     def record_step(self, tokens: int, seconds: float) -> None:
         previous = self.step_s.get(tokens)
         self.step_s[tokens] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+
+    def record_forward(self, requests: Iterable[GenerationRequest], seconds: float) -> None:
+        """One forward's time, as every size in it experienced it: a step of each of its requests took
+        ``seconds``, whichever sizes it shared the forward with (padded or packed)."""
+        for tokens in {r.key().tokens for r in requests}:
+            self.record_step(tokens, seconds)
 
     def record_overhead(self, seconds: float) -> None:
         self.overhead_s = seconds if self.overhead_s == 0 else 0.8 * self.overhead_s + 0.2 * seconds
