@@ -284,7 +284,7 @@ class ServerPolicy:
 
 
 def mix_table_for(cost: CostModel, sizes: Sequence[tuple[int, int]]) -> dict[frozenset[int], bool]:
-    """What the server's warm-up calibration (engine.calibrate_mixing) would measure under this cost model."""
+    """What the server's warm-up calibration (engine/calibration.py mixing_table) would measure under this cost model."""
     tokens = sorted({(w // 16) * (h // 16) for w, h in sizes})
     table = {}
     for i, a in enumerate(tokens):

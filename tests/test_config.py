@@ -30,11 +30,11 @@ def test_metrics_bind_defaults_to_loopback_with_auth(tmp_path):
 
 
 def test_scheduler_settings_left_auto_take_the_device_defaults():
-    """Issue 19: step mode on every device; on a CPU the fair order and a one-512²-image token budget, on a GPU
-    packed forwards of every size and no budget. What a flag sets is kept."""
+    """Issue 19: on a CPU request mode (step mode's settings: the fair order, a one-512²-image token budget);
+    on a GPU step mode with packed forwards of every size and no budget. What a flag sets is kept."""
     cpu = config_from_args([], environ={}).scheduler.resolved("cpu")
-    assert (cpu.batching, cpu.step_policy, cpu.max_tokens_per_step, cpu.mix_resolutions) == ("step", "fair", 1024,
-                                                                                              "measured")
+    assert (cpu.batching, cpu.step_policy, cpu.max_tokens_per_step, cpu.mix_resolutions) == (
+        "request", "fair", 1024, "measured")
     gpu = config_from_args([], environ={}).scheduler.resolved("cuda:0")
     assert (gpu.batching, gpu.step_policy, gpu.max_tokens_per_step, gpu.mix_resolutions) == ("step", "age", 0, "packed")
     argv = ["--batching", "request", "--step-policy", "interleave", "--max-tokens-per-step", "0",

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 from zimage.v1 import zimage_pb2_grpc as pb_grpc
 from zimage_client import build_request
+from zimage_server.engine import calibration
 from zimage_server.engine.engine import pipeline_kwargs
 from zimage_server.types import GenerationRequest, ImageFormat
 
@@ -60,16 +61,40 @@ async def test_mid_flight_joins_and_mixed_resolutions_equal_solo_images(make_ser
         assert np.abs(ours - ref).max() <= 1, prompt
 
 
-async def test_a_server_left_to_its_defaults_runs_step_mode_with_the_cpu_settings_and_calibrates_mixing(tiny_engine):
-    """No scheduler flags on a CPU (issue 19's measured default): step mode, the fair order, a 1024-token
-    budget, padded mixing where measured. With several warm-up sizes the server measures whether each pair
+async def test_a_server_left_to_its_defaults_on_a_cpu_runs_request_mode(tiny_engine):
+    """No scheduler flags on a CPU: request mode (measured better on mixed sizes at max batch 4), and the
+    step settings it would use reported all the same."""
+    from zimage.v1 import zimage_pb2 as pb
+    from zimage_server.app import ZImageServer
+    from zimage_server.config import EngineConfig, SchedulerConfig, ServerConfig
+
+    config = ServerConfig(engine=EngineConfig(model="tiny"), scheduler=SchedulerConfig(),
+                          host="127.0.0.1", port=0, metrics_port=0)
+    server = ZImageServer(config, engine=tiny_engine)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.ImageGenerationServiceStub(channel)
+            info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+            response = await stub.Generate(build_request("a default", width=128, height=128, steps=2, seed=1))
+        assert (info.batching, info.step_policy, info.max_tokens_per_step, info.mix_resolutions) == (
+            "request", "fair", 1024, "measured")
+        assert len(response.images) == 1 and server.scheduler.config.batching == "request"
+    finally:
+        await server.stop(0)
+
+
+async def test_step_mode_on_a_cpu_takes_the_cpu_step_defaults_and_calibrates_mixing(tiny_engine):
+    """``--batching step`` alone on a CPU (issue 19): the fair order, a 1024-token budget, padded mixing where
+    measured, all reported by GetModelInfo. With several warm-up sizes the server measures whether each pair
     of token counts is cheaper mixed or apart, and hands that table to the scheduler."""
     from zimage.v1 import zimage_pb2 as pb
     from zimage_server.app import ZImageServer
     from zimage_server.config import EngineConfig, SchedulerConfig, ServerConfig
 
     config = ServerConfig(engine=EngineConfig(model="tiny", warmup_sizes=((256, 256), (128, 128))),
-                          scheduler=SchedulerConfig(max_batch_size=4), host="127.0.0.1", port=0, metrics_port=0)
+                          scheduler=SchedulerConfig(batching="step", max_batch_size=4),
+                          host="127.0.0.1", port=0, metrics_port=0)
     server = ZImageServer(config, engine=tiny_engine)
     await server.start()
     try:
@@ -86,7 +111,7 @@ async def test_a_server_left_to_its_defaults_runs_step_mode_with_the_cpu_setting
 
 
 def test_mixing_calibration_measures_each_pair_of_token_counts(tiny_engine):
-    table = tiny_engine.calibrate_mixing([(256, 256), (128, 128), (256, 128), (128, 256)])
+    table = calibration.mixing_table(tiny_engine, [(256, 256), (128, 128), (256, 128), (128, 256)])
     # 256x128 and 128x256 have the same tokens as each other: no measurement needed for that pair
     assert set(table) == {frozenset({256, 64}), frozenset({256, 128}), frozenset({64, 128})}
     assert all(isinstance(v, bool) for v in table.values())

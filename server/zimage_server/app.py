@@ -176,7 +176,7 @@ class ZImageServer:
         log.info("serving %s on port %d", self.config.engine.model, self.port)
 
     def _load_sync(self) -> None:
-        from .engine import accel, compile_cache
+        from .engine import accel, calibration, compile_cache
         from .engine.engine import ZImageEngine
 
         cache_had_entries = False
@@ -213,7 +213,7 @@ class ZImageServer:
         # Set on every start: tests share one engine between servers of different configurations.
         self.engine.packed_forwards = sched.mix_resolutions == "packed"
         if BatchingMode(sched.batching) is BatchingMode.STEP and sched.mix_resolutions == "measured":
-            self._mix_table = self.engine.calibrate_mixing(sizes) if len(sizes) > 1 else {}
+            self._mix_table = calibration.mixing_table(self.engine, sizes) if len(sizes) > 1 else {}
         # One line for the load's compile and the warm-up's.
         compile_cache.log_compile_cache(self.config.engine, cache_before, cache_had_entries)
         self._recompiles_seen = accel.recompilations()

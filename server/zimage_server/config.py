@@ -85,19 +85,23 @@ class StepDefaults:
     mix_resolutions: str
 
 
-# The defaults measured best on mixed resolutions (issue 19; the evidence is in docs/benchmarks.md, "Step
-# policies and the scheduler simulator"):
-# - CPU: step mode, ``fair`` order, one 512² image of tokens per forward, sizes mixed (padded) only where the
-#   warm-up measured it pays. Real runs against request mode: p50 0.37-0.81x, p99 0.60-0.83x, throughput
-#   1.00-1.07x. Batching barely pays here, so the token budget stops joins that cost more than they save.
+# The defaults measured or simulated best on mixed resolutions (issue 19; the evidence is in docs/benchmarks.md,
+# "The default: per device"):
+# - CPU: request mode. At the default max batch 4, step mode's best order (``fair``, 1024-token budget) wins the
+#   median by 10-20% but not the tail (real runs, 200 requests: p99 1.15-1.45x request mode's, and less
+#   capacity under overload), so it stays opt-in; its step settings are the ones that measured best.
 # - GPU: step mode with padding-free packed forwards and no budget, every running request in every forward
 #   (the order then only matters for LoRA forwards, which stay padded: ``age`` keeps them first come, first
 #   served). Simulated at 70% load with the server's max batch 4: p50 0.45-0.55x, p99 0.50-0.65x request
-#   mode's; with a per-sample packing overhead assumed (1.5 ms), not yet measured on a GPU.
+#   mode's, assuming ~1.5 ms of packing overhead per sample (now per run of equal lengths); not yet measured on a GPU.
 DEVICE_DEFAULTS: dict[str, StepDefaults] = {
-    "cpu": StepDefaults(batching="step", step_policy="fair", max_tokens_per_step=1024, mix_resolutions="measured"),
+    "cpu": StepDefaults(batching="request", step_policy="fair", max_tokens_per_step=1024, mix_resolutions="measured"),
     "cuda": StepDefaults(batching="step", step_policy="age", max_tokens_per_step=0, mix_resolutions="packed"),
 }
+
+
+def _defaults(device: str) -> StepDefaults:
+    return DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,7 +130,7 @@ class SchedulerConfig:
     def resolved(self, device: str) -> SchedulerConfig:
         """This configuration with every ``auto`` setting replaced by ``device``'s default ("cpu", "cuda:0", ...;
         devices other than CUDA take the CPU's)."""
-        defaults = DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
+        defaults = _defaults(device)
         return dataclasses.replace(
             self,
             batching=defaults.batching if self.batching == AUTO else self.batching,

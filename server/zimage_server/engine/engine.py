@@ -531,41 +531,6 @@ class ZImageEngine:
         self.forward_count = 0
         return time.monotonic() - started
 
-    def calibrate_mixing(self, sizes: Sequence[tuple[int, int]], repeats: int = 2) -> dict[frozenset[int], bool]:
-        """Measure, for each pair of sizes with different token counts, whether one padded forward of both
-        beats two forwards apart. Returns {frozenset(tokens): mix?} for the step scheduler."""
-        table: dict[frozenset[int], bool] = {}
-        requests = {}
-        for width, height in sizes:
-            requests[(width, height)] = GenerationRequest(
-                request_id="calibrate", prompt="calibration", negative_prompt="", width=width, height=height,
-                steps=2 * repeats + 2, guidance_scale=0.0, seed=0, num_images=1, output_format=ImageFormat.PNG, quality=90,
-                preview=None,
-            )
-        keys = list(requests)
-        for i, a in enumerate(keys):
-            for b in keys[i + 1:]:
-                tokens = frozenset({(a[0] // 16) * (a[1] // 16), (b[0] // 16) * (b[1] // 16)})
-                if len(tokens) == 1 or tokens in table:
-                    continue
-                (sa,) = self.start([requests[a]])
-                (sb,) = self.start([requests[b]])
-                self.step(sa + sb)  # warm the mixed shape (compiles it when compiled)
-                mixed = apart = float("inf")
-                for _ in range(repeats):
-                    t0 = time.monotonic()
-                    self.step(sa + sb)
-                    mixed = min(mixed, time.monotonic() - t0)
-                    t0 = time.monotonic()
-                    self.step(sa)
-                    self.step(sb)
-                    apart = min(apart, time.monotonic() - t0)
-                table[tokens] = mixed < apart
-                log.info("mixing %s: one padded forward %.1f ms vs apart %.1f ms -> %s",
-                         sorted(tokens), mixed * 1000, apart * 1000, "mix" if mixed < apart else "interleave")
-        self.forward_count = 0
-        return table
-
     def memory_stats(self) -> dict[str, int]:
         """Accelerator memory in bytes (empty on CPU)."""
         if self.device.type != "cuda":

@@ -341,7 +341,7 @@ def describe_scheduler(config: SchedulerConfig) -> str:
     if BatchingMode(config.batching) is BatchingMode.REQUEST:
         return (f"request batching (dynamic), up to {config.max_batch_size} images per batch, "
                 f"waiting up to {config.max_queue_delay_ms:g} ms for company")
-    budget = (f"at most {config.max_tokens_per_step} image tokens per forward" if config.max_tokens_per_step
+    budget = (f"at most {config.max_tokens_per_step} image tokens" if config.max_tokens_per_step
               else "no token budget")
-    return (f"step batching (continuous), {config.step_policy} order, up to {config.max_batch_size} images and "
-            f"{budget} per forward, sizes mixed: {config.mix_resolutions}")
+    return (f"step batching (continuous), {config.step_policy} order, per forward up to {config.max_batch_size} "
+            f"images and {budget}, sizes mixed: {config.mix_resolutions}")
