@@ -87,9 +87,9 @@ class StepDefaults:
 
 # The defaults measured or simulated best on mixed resolutions (issue 19; the evidence is in docs/benchmarks.md,
 # "The default: per device"):
-# - CPU: request mode. At the default max batch 4, step mode's best order (``fair``, 1024-token budget) wins the
-#   median by 10-20% but not the tail (real runs, 200 requests: p99 1.15-1.45x request mode's, and less
-#   capacity under overload), so it stays opt-in; its step settings are the ones that measured best.
+# - CPU: request mode. At the default max batch 4, step mode's best settings (``fair``, 1024-token budget) win
+#   the median but not the tail (tiny, ~65% load, 200 requests: p50 0.82x, p99 1.15x request mode's; without
+#   the budget 1.45x, and 6-8% less throughput above capacity), so step mode stays opt-in, with these settings.
 # - GPU: step mode with padding-free packed forwards and no budget, every running request in every forward
 #   (the order then only matters for LoRA forwards, which stay padded: ``age`` keeps them first come, first
 #   served). Simulated at 70% load with the server's max batch 4: p50 0.45-0.55x, p99 0.50-0.65x request
