@@ -18,7 +18,7 @@ from PIL import Image
 from zimage.v1 import zimage_pb2_grpc as pb_grpc
 from zimage_client import build_request
 from zimage_server.engine.engine import pipeline_kwargs
-from zimage_server.engine.packed import needs_padding, packed_forward, unified_lengths
+from zimage_server.engine.packed import needs_padding, packed_forward, padding_share, unified_lengths
 from zimage_server.types import GenerationRequest, ImageFormat
 
 RTOL = 1e-5
@@ -154,8 +154,9 @@ def test_engine_step_packs_mixed_sizes_and_matches_each_slot_stepped_alone(tiny_
 
 
 def test_forwards_with_lora_adapters_or_without_padding_are_not_packed(tiny_engine):
-    """The engine packs exactly the forwards diffusers would pad, and never one with LoRA adapters (the adapter
-    wrappers select by row = sample; a packed sequence is one row): those run diffusers' padded forward."""
+    """The engine packs the forwards diffusers would pad by at least PACK_MIN_PADDING (10%), and never one with
+    LoRA adapters (the adapter wrappers select by row = sample; a packed sequence is one row): those run
+    diffusers' padded forward."""
     import dataclasses
 
     from zimage_server.types import LoraRef
@@ -168,8 +169,14 @@ def test_forwards_with_lora_adapters_or_without_padding_are_not_packed(tiny_engi
     styled = dataclasses.replace(large, loras=(LoraRef(name="style", scale=1.0),))
     try:
         tiny_engine.packed_forwards = True
+        # A 128x128 and a 256x256 image, short captions: 96 and 288 tokens, 33% padding: packed.
+        assert padding_share(x, caps) == pytest.approx(1 - 384 / 576)
         assert tiny_engine.use_packed([small, large], x, caps)
         assert not tiny_engine.use_packed([large, large], *same)  # same lengths: the batched forward pads nothing
+        # Same size, captions of 1 and 3 blocks of 32: 288 and 352 tokens, 9% padding: the padded path.
+        longer = torch.randn(70, caps[1].shape[1])
+        assert padding_share([x[1], x[1]], [caps[1][:5], longer]) == pytest.approx(1 - 640 / 704)
+        assert not tiny_engine.use_packed([large, large], [x[1], x[1]], [caps[1][:5], longer])
         assert not tiny_engine.use_packed([small, styled], x, caps)
         tiny_engine.packed_forwards = False
         assert not tiny_engine.use_packed([small, large], x, caps)

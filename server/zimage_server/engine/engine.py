@@ -40,13 +40,15 @@ from ..types import GenerationRequest, ImageFormat, LoraRef
 from . import accel
 from .lora import AdapterNotLoaded, LoraRegistry
 from . import checkpoints
-from .packed import needs_padding, packed_forward
+from .packed import packed_forward, padding_share
 from .presets import PRESETS, build_preset_controlnet
 from .previews import LatentPreviewer
 
 log = logging.getLogger(__name__)
 
 VAE_SCALE = 8  # pixels per latent; the transformer's 2x2 patches make sizes multiples of 16
+# --mix-resolutions packed: pack a forward when padding would be at least this share of it (engine/packed.py).
+PACK_MIN_PADDING = 0.10
 
 
 @dataclasses.dataclass
@@ -469,10 +471,12 @@ class ZImageEngine:
         return previews
 
     def use_packed(self, rows: Sequence[Slot], x: Sequence[torch.Tensor], caps: Sequence[torch.Tensor]) -> bool:
-        """Whether this forward runs packed: packing is on, diffusers would pad (the samples' sequences differ
-        in length; same-length batches are already padding-free) and no row has LoRA adapters (the adapter
-        wrappers select by row = sample, and a packed sequence is one row: those forwards stay padded)."""
-        return self.packed_forwards and not any(s.loras for s in rows) and needs_padding(x, caps)
+        """Whether this forward runs packed: packing is on, diffusers would pad at least ``PACK_MIN_PADDING`` of
+        its tokens (same-length batches are already padding-free; captions a block apart pad little) and no row
+        has LoRA adapters (the adapter wrappers select by row = sample, and a packed sequence is one row: those
+        forwards stay padded)."""
+        return (self.packed_forwards and not any(s.loras for s in rows)
+                and padding_share(x, caps) >= PACK_MIN_PADDING)
 
     def plan_loras(self, rows: Sequence[Slot]) -> int:
         """Tell the adapter wrappers which adapters each row of the next forward uses; returns how many

@@ -19,6 +19,11 @@ copied) over every sample's tokens concatenated along the sequence, [1, sum of l
   solo forward has it) through the noise refiner, caption tokens through the context refiner, then
   per sample [image, caption] through the main layers, the final layer and ``unpatchify``.
 
+The engine packs a forward only when padding would be at least ``engine.PACK_MIN_PADDING`` of it: different
+image sizes, or small images with captions of very different lengths. Same-size samples whose captions differ
+by a block or two of 32 tokens pad a few percent, which the padded path (compiled under ``--compile``) pays
+more cheaply than an eager packed forward saves.
+
 A sample's output equals diffusers' forward of that sample alone up to float rounding
 (tests/test_packed.py states the tolerance). Not covered, so the engine uses the padded path for them:
 LoRA forwards (``engine.lora.MixedLoraLinear`` selects adapters by row = sample of dim 0, and a packed
@@ -88,6 +93,12 @@ def _patches(latents: torch.Tensor, patch_size: int, f_patch_size: int) -> int:
 def needs_padding(x: Sequence[torch.Tensor], cap_feats: Sequence[torch.Tensor]) -> bool:
     """Whether diffusers' batched forward would pad these samples (their main-layer lengths differ)."""
     return len(set(unified_lengths(x, cap_feats))) > 1
+
+
+def padding_share(x: Sequence[torch.Tensor], cap_feats: Sequence[torch.Tensor]) -> float:
+    """The share of diffusers' padded main-layer tokens that are padding (0: nothing would be padded)."""
+    lengths = unified_lengths(x, cap_feats)
+    return 1.0 - sum(lengths) / (len(lengths) * max(lengths))
 
 
 def _round32(n: int) -> int:
