@@ -330,6 +330,9 @@ class PointResult:
     queue_mean_s: float | None
     batch_mean: float | None
     latency_by_size_p50_s: dict[str, float]
+    # In-process servers: engine seconds per completed image over the point, from the server's own metrics
+    # (text encode, transformer forwards, VAE decode) and the forward count; empty for naive and remote.
+    engine_per_image: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 async def _one(backend: Backend, job: Job, start: float, timeout_s: float) -> Sample:
@@ -400,6 +403,21 @@ def summarize(setup: str, mode: str, load: float, samples: Sequence[Sample], wal
         batch_mean=statistics.fmean([s.batch_size for s in ok]) if ok else None,
         latency_by_size_p50_s={k: float(np.percentile(v, 50)) for k, v in sorted(by_size.items())},
     )
+
+
+ENGINE_METRICS = {"encode_s": "zimage_text_encode_duration_seconds_sum", "forward_s": "zimage_step_duration_seconds_sum",
+                  "decode_s": "zimage_vae_decode_duration_seconds_sum", "forwards": "zimage_forward_passes_total",
+                  "encodes": "zimage_text_encode_duration_seconds_count",
+                  "decodes": "zimage_vae_decode_duration_seconds_count"}
+
+
+def engine_seconds(backend: Backend) -> dict[str, float]:
+    """The in-process server's cumulative engine times and counts (empty when there is no such server)."""
+    server = getattr(backend, "server", None)
+    if server is None:
+        return {}
+    registry = server.metrics.registry
+    return {k: registry.get_sample_value(name) or 0.0 for k, name in ENGINE_METRICS.items()}
 
 
 # ---------------------------------------------------------------------- overhead at c=1
@@ -474,6 +492,17 @@ def markdown(points: Sequence[PointResult], mode: str) -> str:
             f"| {_fmt(p.latency_p50_s)} | {_fmt(p.latency_p95_s)} | {_fmt(p.latency_p99_s)} "
             f"| {_fmt(p.queue_mean_s)} | {_fmt(p.batch_mean, '.2f')} |"
         )
+    engine = [p for p in points if p.engine_per_image]
+    if engine:
+        lines += ["", "Engine time per completed image (the server's own metrics over each point): ms and calls",
+                  "", f"| setup | {load} | text encode ms | forwards ms | VAE decode ms | engine ms | forwards "
+                  "| encodes | decodes |", "|---|---|---|---|---|---|---|---|---|"]
+        for p in engine:
+            e = p.engine_per_image
+            total = e["encode_s"] + e["forward_s"] + e["decode_s"]
+            lines.append(f"| {p.setup} | {p.load:g} | {e['encode_s'] * 1000:.1f} | {e['forward_s'] * 1000:.1f} "
+                         f"| {e['decode_s'] * 1000:.1f} | {total * 1000:.1f} | {e['forwards']:.2f} "
+                         f"| {e['encodes']:.2f} | {e['decodes']:.2f} |")
     return "\n".join(lines)
 
 
@@ -674,6 +703,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             for i, (w, h) in enumerate(args.sizes):
                 warm = dataclasses.replace(workload.job(i, f"warm-{tag}"), width=w, height=h)
                 await _one(backend, warm, time.perf_counter(), args.timeout_s)
+        before = engine_seconds(backend)
         if args.mode == "closed":
             samples, wall_s = await run_closed(backend, workload, tag, int(load), requests, duration_s,
                                                args.timeout_s)
@@ -681,6 +711,10 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             samples, wall_s = await run_open(backend, workload, tag, load, requests, duration_s,
                                              args.timeout_s)
         point = summarize(setup, args.mode, load, samples, wall_s)
+        after = engine_seconds(backend)
+        if before and after and point.completed:
+            point = dataclasses.replace(point, engine_per_image={
+                k: (after[k] - before[k]) / point.completed for k in after})
         points.append(point)
         print(f"  {setup:8s} load {load:g}: {point.completed}/{point.sent} ok, "
               f"{point.throughput_img_s:.2f} img/s, p50 {_fmt(point.latency_p50_s)} s, "
