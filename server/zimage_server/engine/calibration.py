@@ -30,10 +30,6 @@ def _request(width: int, height: int, steps: int) -> GenerationRequest:
                              output_format=ImageFormat.PNG, quality=90, preview=None)
 
 
-def _tokens(width: int, height: int) -> int:
-    return (width // 16) * (height // 16)
-
-
 def mixing_table(engine: ZImageEngine, sizes: Sequence[tuple[int, int]], repeats: int = 2) -> dict[frozenset[int], bool]:
     """Measure, for each pair of sizes with different token counts, whether one padded forward of both
     beats two forwards apart. Returns {frozenset(tokens): mix?} for the step scheduler."""
@@ -42,7 +38,7 @@ def mixing_table(engine: ZImageEngine, sizes: Sequence[tuple[int, int]], repeats
     keys = list(requests)
     for i, a in enumerate(keys):
         for b in keys[i + 1:]:
-            tokens = frozenset({_tokens(*a), _tokens(*b)})
+            tokens = frozenset({requests[a].key().tokens, requests[b].key().tokens})
             if len(tokens) == 1 or tokens in table:
                 continue
             (sa,) = engine.start([requests[a]])
