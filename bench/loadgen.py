@@ -11,8 +11,9 @@ Setups (``--setups``, run one after the other in one process, on one loaded mode
               config.DEVICE_DEFAULTS) and the same batch cap.
 - ``step``    our server, step-level (continuous) batching with the same batch cap (the device's defaults
               for the step settings).
-- ``step-interleave`` / ``step-age`` / ``step-fair``  step mode with that ``--step-policy`` (and
-              ``--max-tokens-per-step``, ``--slo-factor`` as given here).
+- ``step-interleave`` / ``step-age`` / ``step-fair`` / ``step-batch``  step mode with that ``--step-policy``
+              (and ``--max-tokens-per-step``, ``--slo-factor`` as given here); ``step-<order>-t<tokens>`` with
+              its own token budget instead (``step-batch-t0``: none), so one run can compare budgets.
 - ``remote``  a server that is already running at ``--target`` (no model is loaded here).
 
 ``batch1``/``dynamic``/``step`` start a ZImageServer on 127.0.0.1:0 in this process, sharing the model
@@ -33,7 +34,9 @@ from another's text-encoder cache. Each setup starts with one untimed request pe
 
 Columns: throughput is completed images / (first send .. last completion); latency is client-side;
 queue is the server's Timings.queue_seconds (lock wait for naive); batch is the response's batch_size
-(in step mode: the largest forward the request was part of).
+(in step mode: the largest forward the request was part of). For in-process servers a second table gives the
+engine time per completed image (the server's metrics) and the engine thread over the point (EngineTrace): its
+busy share and the idle gap between back-to-back engine calls (the scheduler's round trip).
 
 With ``batch1`` the script also measures the end-to-end overhead at concurrency 1: the same requests
 alternately through the idle server (gRPC, scheduler, threads) and through the engine loop alone
@@ -77,7 +80,7 @@ from zimage_server.imaging import encode_image
 from zimage_server.types import GenerationRequest, ImageFormat
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-STEP_ORDERS = ("interleave", "age", "fair")
+STEP_ORDERS = ("interleave", "age", "fair", "batch")
 SERVER_SETUPS = ("default", "batch1", "dynamic", "step", *(f"step-{o}" for o in STEP_ORDERS))
 ALL_SETUPS = ("naive", *SERVER_SETUPS, "remote")
 SUBJECTS = (
@@ -333,6 +336,9 @@ class PointResult:
     # In-process servers: engine seconds per completed image over the point, from the server's own metrics
     # (text encode, transformer forwards, VAE decode) and the forward count; empty for naive and remote.
     engine_per_image: dict[str, float] = dataclasses.field(default_factory=dict)
+    # In-process servers: the engine thread over the point (EngineTrace): its busy share of the point's wall
+    # time, and the idle gap between one engine call's end and the next one's start, for back-to-back calls.
+    engine_thread: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 async def _one(backend: Backend, job: Job, start: float, timeout_s: float) -> Sample:
@@ -420,6 +426,59 @@ def engine_seconds(backend: Backend) -> dict[str, float]:
     return {k: registry.get_sample_value(name) or 0.0 for k, name in ENGINE_METRICS.items()}
 
 
+@dataclasses.dataclass
+class Collected:
+    """A point's traces so far (one per seed): samples, wall time, engine metric deltas, EngineTrace ranges."""
+
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    wall_s: float = 0.0
+    engine: dict[str, float] = dataclasses.field(default_factory=dict)
+    marks: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+
+
+class EngineTrace:
+    """Times every engine call (text encode, forward, decode) on the engine thread, for the idle gaps between them.
+
+    A gap is the scheduler's round trip — the engine thread hands the result to the event loop, which plans and
+    submits the next call — plus any wait for an arrival. Gaps under ``BACK_TO_BACK_S`` count as back-to-back
+    calls (the loop had work ready); their median is the round trip (arrival waits are rarely that short).
+    """
+
+    BACK_TO_BACK_S = 0.1
+
+    def __init__(self, engine: Any, clock: Any = time.perf_counter):
+        self.calls: list[tuple[float, float]] = []
+        self.clock = clock
+        for name in ("start", "step", "decode"):
+            setattr(engine, name, self._timed(getattr(engine, name)))
+
+    def _timed(self, fn: Any) -> Any:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = self.clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.calls.append((started, self.clock()))
+        return timed
+
+    def mark(self) -> int:
+        return len(self.calls)
+
+    def summary(self, ranges: Sequence[tuple[int, int]], wall_s: float) -> dict[str, float]:
+        """Over the calls in ``ranges`` (``mark()`` before and after each trace) and their wall time."""
+        runs = [self.calls[a:b] for a, b in ranges]
+        calls = [c for run in runs for c in run]
+        if not calls or wall_s <= 0:
+            return {}
+        gaps = [b[0] - a[1] for run in runs for a, b in zip(run, run[1:])]
+        back = sorted(g for g in gaps if g < self.BACK_TO_BACK_S)
+        return {"calls": len(calls), "busy_share": sum(e - b for b, e in calls) / wall_s,
+                "back_to_back": len(back),
+                "gap_p50_ms": 1000 * statistics.median(back) if back else 0.0,
+                "gap_mean_ms": 1000 * statistics.fmean(back) if back else 0.0}
+
+
 # ---------------------------------------------------------------------- overhead at c=1
 @dataclasses.dataclass(frozen=True)
 class Overhead:
@@ -496,13 +555,16 @@ def markdown(points: Sequence[PointResult], mode: str) -> str:
     if engine:
         lines += ["", "Engine time per completed image (the server's own metrics over each point): ms and calls",
                   "", f"| setup | {load} | text encode ms | forwards ms | VAE decode ms | engine ms | forwards "
-                  "| encodes | decodes |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| encodes | decodes | engine busy | back-to-back gap p50 / mean ms |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for p in engine:
-            e = p.engine_per_image
+            e, t = p.engine_per_image, p.engine_thread
             total = e["encode_s"] + e["forward_s"] + e["decode_s"]
+            busy = f"{t['busy_share']:.0%}" if t else "–"
+            gap = f"{t['gap_p50_ms']:.2f} / {t['gap_mean_ms']:.2f}" if t else "–"
             lines.append(f"| {p.setup} | {p.load:g} | {e['encode_s'] * 1000:.1f} | {e['forward_s'] * 1000:.1f} "
                          f"| {e['decode_s'] * 1000:.1f} | {total * 1000:.1f} | {e['forwards']:.2f} "
-                         f"| {e['encodes']:.2f} | {e['decodes']:.2f} |")
+                         f"| {e['encodes']:.2f} | {e['decodes']:.2f} | {busy} | {gap} |")
     return "\n".join(lines)
 
 
@@ -602,6 +664,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="request modes and weights, e.g. text:50,img2img:30,control:20 (img2img strengths "
                         "uniform in 0.3..0.9; control needs a ControlNet: the preset's is loaded)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed of sizes, image seeds and arrivals")
+    p.add_argument("--seeds", type=_ints, default=[],
+                   help="several traces per point, e.g. 2,3,4: each seed's trace in turn (setups taking turns per "
+                        "trace with --order point), summarized together (pooled latencies, summed wall time)")
     p.add_argument("--max-batch-size", type=int, default=8, help="dynamic and step setups")
     p.add_argument("--max-queue-delay-ms", type=float, default=10.0, help="dynamic setup")
     p.add_argument("--max-tokens-per-step", type=int, default=0, help="step-<order> setups (0: no limit)")
@@ -620,7 +685,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--log-level", default="WARNING", help="server log level")
     args = p.parse_args(argv)
     args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    unknown = sorted(set(args.setups) - set(ALL_SETUPS))
+    unknown = sorted(s for s in set(args.setups) - set(ALL_SETUPS) if not _budgeted(s))
     if unknown:
         p.error(f"unknown setups {unknown}; choose from {', '.join(ALL_SETUPS)}")
     if "remote" in args.setups and not args.target:
@@ -636,8 +701,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _budgeted(setup: str) -> tuple[str, int] | None:
+    """``step-<order>-t<tokens>``: that step order with its own ``--max-tokens-per-step`` (0: none)."""
+    base, _, tokens = setup.rpartition("-t")
+    return (base, int(tokens)) if base.startswith("step-") and base in SERVER_SETUPS and tokens.isdigit() else None
+
+
 def server_config(args: argparse.Namespace, setup: str) -> Any:
     from zimage_server.config import EngineConfig, SchedulerConfig, ServerConfig
+
+    if _budgeted(setup):
+        base, tokens = _budgeted(setup)
+        config = server_config(args, base)
+        return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, max_tokens_per_step=tokens))
 
     scheduler = {
         "default": SchedulerConfig(max_batch_size=args.max_batch_size, max_queue_delay_ms=args.max_queue_delay_ms),
@@ -671,6 +747,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
     loads = args.concurrency if args.mode == "closed" else args.rates
     engine = None
     load_s = 0.0
+    trace: EngineTrace | None = None
     if any(s != "remote" for s in args.setups):
         from zimage_server.config import EngineConfig
         from zimage_server.engine.engine import ZImageEngine
@@ -679,6 +756,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         engine = ZImageEngine.load(EngineConfig(model=args.preset, controlnet=controlnet_flag(args)))
         load_s = time.perf_counter() - started
         print(f"loaded {args.preset} in {load_s:.1f} s", flush=True)
+        trace = EngineTrace(engine)
 
     points: list[PointResult] = []
     startup: dict[str, float] = {}
@@ -697,37 +775,55 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         served_by[setup] = getattr(backend, "info", {})
         return backend
 
-    async def run_point(backend: Backend, setup: str, number: int, load: float) -> None:
-        tag = f"{setup}-{load:g}"
-        if args.warmup == "point" or (args.warmup == "setup" and number == 0):
+    collected: dict[tuple[str, float], Collected] = {}
+
+    async def run_point(backend: Backend, setup: str, number: int, load: float, seed: int) -> None:
+        """One (setup, load) point on the trace of ``seed``; the traces of ``--seeds`` add up to one point."""
+        tag = f"{setup}-{load:g}" + ("" if seed == args.seed else f"-seed{seed}")
+        if seed == seeds[0] and (args.warmup == "point" or args.warmup == "setup" and number == 0):
             for i, (w, h) in enumerate(args.sizes):
                 warm = dataclasses.replace(workload.job(i, f"warm-{tag}"), width=w, height=h)
                 await _one(backend, warm, time.perf_counter(), args.timeout_s)
+        trace_workload = workload if seed == args.seed else Workload(args.sizes, args.steps, seed, args.mix)
         before = engine_seconds(backend)
+        mark = trace.mark() if trace is not None else 0
         if args.mode == "closed":
-            samples, wall_s = await run_closed(backend, workload, tag, int(load), requests, duration_s,
+            samples, wall_s = await run_closed(backend, trace_workload, tag, int(load), requests, duration_s,
                                                args.timeout_s)
         else:
-            samples, wall_s = await run_open(backend, workload, tag, load, requests, duration_s,
+            samples, wall_s = await run_open(backend, trace_workload, tag, load, requests, duration_s,
                                              args.timeout_s)
-        point = summarize(setup, args.mode, load, samples, wall_s)
         after = engine_seconds(backend)
-        if before and after and point.completed:
-            point = dataclasses.replace(point, engine_per_image={
-                k: (after[k] - before[k]) / point.completed for k in after})
-        points.append(point)
-        print(f"  {setup:8s} load {load:g}: {point.completed}/{point.sent} ok, "
-              f"{point.throughput_img_s:.2f} img/s, p50 {_fmt(point.latency_p50_s)} s, "
-              f"p99 {_fmt(point.latency_p99_s)} s ({wall_s:.1f} s)", flush=True)
+        point = collected.setdefault((setup, load), Collected())
+        point.samples += samples
+        point.wall_s += wall_s
+        for k in after:
+            point.engine[k] = point.engine.get(k, 0.0) + after[k] - before[k]
+        if trace is not None:
+            point.marks.append((mark, trace.mark()))
+        done = summarize(setup, args.mode, load, samples, wall_s)
+        print(f"  {setup:8s} load {load:g} seed {seed}: {done.completed}/{done.sent} ok, "
+              f"{done.throughput_img_s:.2f} img/s, p50 {_fmt(done.latency_p50_s)} s, "
+              f"p99 {_fmt(done.latency_p99_s)} s ({wall_s:.1f} s)", flush=True)
 
+    def finish_points() -> None:
+        for (setup, load), c in collected.items():
+            point = summarize(setup, args.mode, load, c.samples, c.wall_s)
+            if c.engine and point.completed:
+                point = dataclasses.replace(point, engine_per_image={k: v / point.completed for k, v in c.engine.items()},
+                                            engine_thread=trace.summary(c.marks, c.wall_s) if trace is not None else {})
+            points.append(point)
+
+    seeds = args.seeds or [args.seed]
     if args.order == "point":
         # Every setup's server stays up (idle, sharing the one engine) and the setups take turns at each
         # load point, so slow drift in the machine's other load falls on all of them alike.
         backends = {setup: await open_backend(setup) for setup in args.setups}
         try:
             for number, load in enumerate(loads):
-                for setup in args.setups:
-                    await run_point(backends[setup], setup, number, load)
+                for seed in seeds:
+                    for setup in args.setups:
+                        await run_point(backends[setup], setup, number, load, seed)
         finally:
             for backend in backends.values():
                 await backend.close()
@@ -735,13 +831,15 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         backend = await open_backend(setup)
         try:
             for number, load in enumerate(loads):
-                await run_point(backend, setup, number, load)
+                for seed in seeds:
+                    await run_point(backend, setup, number, load, seed)
             if setup == "batch1" and args.overhead_requests > 0:
                 overhead = await measure_overhead(backend, engine, workload, args.overhead_requests, args.timeout_s)
                 print(f"  overhead at c=1: server p50 {overhead.server_p50_s:.3f} s vs engine loop "
                       f"{overhead.engine_p50_s:.3f} s -> {overhead.overhead_p50_pct:+.1f}%", flush=True)
         finally:
             await backend.close()
+    finish_points()
     points.sort(key=lambda p: args.setups.index(p.setup))  # the table groups rows by setup either way
 
     sizes_text = ",".join(f"{w}x{h}" for w, h in args.sizes)
@@ -760,7 +858,7 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             "setups": args.setups, "preset": args.preset, "target": args.target, "mode": args.mode,
             "loads": loads, "requests": requests, "duration_s": duration_s,
-            "sizes": [f"{w}x{h}" for w, h in args.sizes], "steps": args.steps, "seed": args.seed,
+            "sizes": [f"{w}x{h}" for w, h in args.sizes], "steps": args.steps, "seed": args.seed, "seeds": seeds,
             "mix": [f"{mode}:{weight:g}" for mode, weight in args.mix],
             "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
             "max_tokens_per_step": args.max_tokens_per_step, "slo_factor": args.slo_factor, "order": args.order,

@@ -162,7 +162,8 @@ def test_packed_forwards_let_mixed_sizes_share_a_step_within_the_summed_token_bu
     packed = step_policy(order, max_tokens_per_step=60, mix_resolutions="packed")
     plan = packed.plan(0.0, [waiting("new", seq=2, w=64, h=128)], [running("big", 1, w=128), running("small", 1, seq=1)],
                        CTX)
-    assert plan.admit == ("new",)
+    # (batch admits only what fits the running group's forward: 32 + 16 + 32 = 80 > 60, so "new" waits queued.)
+    assert plan.admit == (() if order == "batch" else ("new",))
     # Whichever 32-token request leads (per order), "small" joins it; a third would make 80 tokens > 60.
     assert len(plan.forward) == 2 and "small" in plan.forward, plan
     unbounded = step_policy(order, mix_resolutions="packed")
@@ -237,6 +238,29 @@ def test_age_order_keeps_the_oldest_requests_group_going():
     # A newcomer of the oldest request's group still joins its forward.
     plan = step_policy("age", mix_resolutions="never").plan(0.0, [waiting("new", seq=2)], [old, big], CTX)
     assert plan == Plan(admit=("new",), forward=("old", "new"))
+
+
+def test_batch_order_admits_only_the_running_groups_size_and_lets_the_head_go_next():
+    policy = step_policy("batch", mix_resolutions="never")
+    # Nothing runs: the head opens a batch with every waiting request of its size (request mode's batch, at once).
+    queue = [waiting("a1", seq=0), waiting("b1", seq=1, w=128), waiting("a2", seq=2), waiting("b2", seq=3, w=128)]
+    assert policy.plan(0.0, queue, [], CTX) == Plan(admit=("a1", "a2"), forward=("a1", "a2"))
+    # A group runs: a newcomer of its size joins at the next step ...
+    plan = policy.plan(0.0, [waiting("a3", seq=4)], [running("a1", 1), running("a2", 1, seq=2)], CTX)
+    assert plan == Plan(admit=("a3",), forward=("a1", "a2", "a3"))
+    # ... another size stays queued (to batch with its own size later), and nothing behind it overtakes it.
+    plan = policy.plan(0.0, [waiting("b1", seq=1, w=128), waiting("a3", seq=4)], [running("a1", 1)], CTX)
+    assert plan == Plan(admit=(), forward=("a1",))
+    # Once the group is done, the head's size runs next, with the rest of its size.
+    assert policy.plan(0.0, [waiting("b1", seq=1, w=128), waiting("a3", seq=4), waiting("b2", seq=5, w=128)], [],
+                       CTX).admit == ("b1", "b2")
+    # Sizes the warm-up measured worth mixing count as one group; a token budget caps what joins the group.
+    mixed = Context(cap_images=4, mix_table={frozenset({16, 32}): True})
+    measured = step_policy("batch", mix_resolutions="measured")
+    assert measured.plan(0.0, [waiting("b1", seq=1, w=128)], [running("a1", 1)], mixed).admit == ("b1",)
+    budget = step_policy("batch", mix_resolutions="never", max_tokens_per_step=32)  # two 64x64 images
+    plan = budget.plan(0.0, [waiting("a3", seq=4), waiting("a4", seq=5)], [running("a1", 1)], CTX)
+    assert plan.admit == ("a3",)
 
 
 def test_fair_order_runs_the_shortest_remaining_unless_a_request_is_about_to_miss_its_target():

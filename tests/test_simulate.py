@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 
@@ -123,3 +124,32 @@ def test_loadgen_trace_matches_loadgen():
     assert [a.time_s for a in trace] == workload.arrivals(0.4, 20, None)
     assert [(a.width, a.height) for a in trace] == [(workload.job(i, "x").width, workload.job(i, "x").height)
                                                       for i in range(20)]
+
+
+def test_loadgen_engine_trace_reports_busy_share_and_back_to_back_gaps():
+    from loadgen import EngineTrace
+
+    now = [0.0]
+
+    class Engine:  # each call takes 10 ms of the fake clock
+        def _call(self, *args):
+            now[0] += 0.010
+            return args
+
+        start = step = decode = _call
+
+    engine = Engine()
+    trace = EngineTrace(engine, clock=lambda: now[0])
+    mark = trace.mark()
+    engine.start(["r"])
+    now[0] += 0.001  # the scheduler's round trip
+    assert engine.step(["slot"], [False]) == (["slot"], [False])  # results pass through
+    now[0] += 0.003
+    engine.step(["slot"], [False])
+    now[0] += 0.500  # idle: waiting for an arrival, not a round trip
+    engine.decode(["slot"])
+    summary = trace.summary([(mark, trace.mark())], wall_s=0.6)
+    assert summary["calls"] == 4 and summary["back_to_back"] == 2
+    assert math.isclose(summary["busy_share"], 0.040 / 0.6)
+    assert math.isclose(summary["gap_p50_ms"], 2.0) and math.isclose(summary["gap_mean_ms"], 2.0)
+    assert trace.summary([(trace.mark(), trace.mark())], wall_s=1.0) == {}  # no calls in the range

@@ -23,7 +23,9 @@ One class per ``BatchingMode``:
   own tokens: the compatibility key then effectively drops the latent size). The lead is chosen by the step order (``--step-policy``, ``StepOrder``):
   ``interleave`` the least recently stepped request (groups take turns step by step: processor
   sharing); ``age`` the oldest (a group runs until its oldest request is done, newcomers still join
-  its forwards); ``fair`` least slack first: each request's latency target is ``slo_factor`` times
+  its forwards); ``batch`` the oldest too, but only requests that would share its forward are admitted
+  (other sizes stay queued and form their own batch once the group is done: request mode's batches,
+  joined at step boundaries by newcomers of their size, and never overtaking the head); ``fair`` least slack first: each request's latency target is ``slo_factor`` times
   its own service time alone (targets weighted by size, i.e. weighted fair queueing across
   resolution buckets), a request that is about to miss its target leads (least slack first),
   otherwise the one with the least estimated work left (shortest remaining first).
@@ -58,6 +60,7 @@ class StepOrder(enum.Enum):
     INTERLEAVE = "interleave"
     AGE = "age"
     FAIR = "fair"
+    BATCH = "batch"
 
 
 class MixPolicy(enum.Enum):
@@ -239,7 +242,10 @@ class StepModePolicy(Policy):
         images = sum(r.request.num_images for r in running)
         samples_ = sum(samples(r.request) for r in running)
         admitted: list[Waiting] = []
-        for w in self.ordered(now, waiting):
+        ordered = self.ordered(now, waiting)
+        if StepOrder(self.config.step_policy) is StepOrder.BATCH:
+            ordered = self.batch_joiners(now, ordered, running, context)
+        for w in ordered:
             over = images + w.request.num_images > context.cap_images or (
                 context.cap_samples is not None and samples_ + samples(w.request) > context.cap_samples)
             if over and (images or admitted):
@@ -248,6 +254,43 @@ class StepModePolicy(Policy):
             images += w.request.num_images
             samples_ += samples(w.request)
         return admitted
+
+    def batch_joiners(self, now: float, ordered: Sequence[Waiting], running: Sequence[Running],
+                      context: Context) -> list[Waiting]:
+        """The ``batch`` order's admissions, before the caps: the waiting requests (in priority order) that would
+        share the next forward's lead (the step order's first), up to the first that would not, which goes next
+        (never overtaken); nothing running, the head and those that would share its forward (request mode's batch).
+        Within ``max_tokens_per_step``: a request that would take the group's forward past it waits too."""
+        if running:
+            lead = self.order(now, running, context)[0].request
+            group = [r.request for r in running if self.shares_forward(lead, r.request, context)]
+        elif ordered:
+            lead, group = ordered[0].request, []
+        else:
+            return []
+        packed = MixPolicy(self.config.mix_resolutions) is MixPolicy.PACKED
+        budget = self.config.max_tokens_per_step
+        joiners: list[Waiting] = []
+        for w in ordered:
+            fits = not budget or not group or self.forward_tokens(group + [w.request], padded=not packed) <= budget
+            if self.shares_forward(lead, w.request, context) and fits:
+                joiners.append(w)
+                group.append(w.request)
+            elif running:
+                break
+        return joiners
+
+    def shares_forward(self, lead: GenerationRequest, other: GenerationRequest, context: Context) -> bool:
+        """Whether ``other`` may run in a forward that ``lead`` leads (same group, or a size mixed with it)."""
+        split = self.config.split_lora_batches
+        a, b = compat_key(lead, with_steps=False, split_loras=split), compat_key(other, with_steps=False, split_loras=split)
+        if a == b:
+            return True
+        if a.loras != b.loras:
+            return False
+        if MixPolicy(self.config.mix_resolutions) is MixPolicy.PACKED:
+            return not lead.loras
+        return self.should_mix([a, b], context)
 
     def forward(self, running: Sequence[Running], context: Context, now: float = 0.0) -> list[Running]:
         ordered = self.order(now, running, context)
@@ -287,7 +330,7 @@ class StepModePolicy(Policy):
         order = StepOrder(self.config.step_policy)
         if order is StepOrder.INTERLEAVE:
             return self.by_staleness(running)
-        if order is StepOrder.AGE:
+        if order in (StepOrder.AGE, StepOrder.BATCH):
             return sorted(running, key=lambda r: (-r.request.priority, r.seq))
         factor = self.config.slo_factor
 
