@@ -810,7 +810,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
         for (setup, load), c in collected.items():
             point = summarize(setup, args.mode, load, c.samples, c.wall_s)
             if c.engine and point.completed:
-                point = dataclasses.replace(point, engine_per_image={k: v / point.completed for k, v in c.engine.items()},
+                per_image = {k: v / point.completed for k, v in c.engine.items()}
+                point = dataclasses.replace(point, engine_per_image=per_image,
                                             engine_thread=trace.summary(c.marks, c.wall_s) if trace is not None else {})
             points.append(point)
 

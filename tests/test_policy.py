@@ -261,6 +261,13 @@ def test_batch_order_admits_only_the_running_groups_size_and_lets_the_head_go_ne
     budget = step_policy("batch", mix_resolutions="never", max_tokens_per_step=32)  # two 64x64 images
     plan = budget.plan(0.0, [waiting("a3", seq=4), waiting("a4", seq=5)], [running("a1", 1)], CTX)
     assert plan.admit == ("a3",)
+    # Packed: every size shares the lead's forward, except requests with adapters (their forwards stay padded).
+    from zimage_server.types import LoraRef
+
+    packed = step_policy("batch", mix_resolutions="packed")
+    styled = Waiting("styled", dataclasses.replace(req("styled"), loras=(LoraRef(name="style", scale=1.0),)), 5, 0.0, None)
+    plan = packed.plan(0.0, [waiting("b1", seq=1, w=128), styled, waiting("a3", seq=6)], [running("a1", 1)], CTX)
+    assert plan.admit == ("b1",)
 
 
 def test_fair_order_runs_the_shortest_remaining_unless_a_request_is_about_to_miss_its_target():

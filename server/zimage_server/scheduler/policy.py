@@ -25,10 +25,11 @@ One class per ``BatchingMode``:
   sharing); ``age`` the oldest (a group runs until its oldest request is done, newcomers still join
   its forwards); ``batch`` the oldest too, but only requests that would share its forward are admitted
   (other sizes stay queued and form their own batch once the group is done: request mode's batches,
-  joined at step boundaries by newcomers of their size, and never overtaking the head); ``fair`` least slack first: each request's latency target is ``slo_factor`` times
-  its own service time alone (targets weighted by size, i.e. weighted fair queueing across
-  resolution buckets), a request that is about to miss its target leads (least slack first),
-  otherwise the one with the least estimated work left (shortest remaining first).
+  joined at step boundaries by newcomers of their size, and never overtaking the head); ``fair``
+  least slack first: each request's latency target is ``slo_factor`` times its own service time alone
+  (targets weighted by size, i.e. weighted fair queueing across resolution buckets), a request that is
+  about to miss its target leads (least slack first), otherwise the one with the least estimated work
+  left (shortest remaining first).
 
 In both modes a forward holds at most ``context.cap_images`` images and ``context.cap_samples``
 transformer samples (a CFG image is two samples), so after an out-of-memory error lowers the cap
@@ -281,16 +282,14 @@ class StepModePolicy(Policy):
         return joiners
 
     def shares_forward(self, lead: GenerationRequest, other: GenerationRequest, context: Context) -> bool:
-        """Whether ``other`` may run in a forward that ``lead`` leads (same group, or a size mixed with it)."""
+        """Whether ``other`` runs in a forward that ``lead`` leads (``forward`` below): its own group, a size mixed with
+        it, or with packed forwards any size, except that forwards with LoRA adapters stay padded and one size."""
         split = self.config.split_lora_batches
-        a, b = compat_key(lead, with_steps=False, split_loras=split), compat_key(other, with_steps=False, split_loras=split)
-        if a == b:
-            return True
-        if a.loras != b.loras:
-            return False
+        a = compat_key(lead, with_steps=False, split_loras=split)
+        b = compat_key(other, with_steps=False, split_loras=split)
         if MixPolicy(self.config.mix_resolutions) is MixPolicy.PACKED:
-            return not lead.loras
-        return self.should_mix([a, b], context)
+            return a == b if lead.loras else not other.loras
+        return a == b or (a.loras == b.loras and self.should_mix([a, b], context))
 
     def forward(self, running: Sequence[Running], context: Context, now: float = 0.0) -> list[Running]:
         ordered = self.order(now, running, context)
