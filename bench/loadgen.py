@@ -710,8 +710,8 @@ def _budgeted(setup: str) -> tuple[str, int] | None:
 def server_config(args: argparse.Namespace, setup: str) -> Any:
     from zimage_server.config import EngineConfig, SchedulerConfig, ServerConfig
 
-    if _budgeted(setup):
-        base, tokens = _budgeted(setup)
+    if budgeted := _budgeted(setup):
+        base, tokens = budgeted
         config = server_config(args, base)
         return dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler, max_tokens_per_step=tokens))
 

@@ -88,8 +88,8 @@ class StepDefaults:
 # The defaults measured or simulated best on mixed resolutions (issue 19; the evidence is in docs/benchmarks.md,
 # "The default: per device"):
 # - CPU: request mode. At the default max batch 4, step mode's best settings (``fair``, 1024-token budget) win
-#   the median but not the tail (tiny, ~65% load, 200 requests: p50 0.82x, p99 1.15x request mode's; without
-#   the budget 1.45x, and 6-8% less throughput above capacity), so step mode stays opt-in, with these settings.
+#   below capacity (tiny, ~65% load, three traces of 200 requests: p50 0.68x, p99 0.65x request mode's) but lose
+#   above it (p50 1.56x, p99 1.30x, throughput 0.98x), so step mode stays opt-in on a CPU, with these settings.
 # - GPU: step mode with padding-free packed forwards and no budget, every running request in every forward
 #   (the order then only matters for LoRA forwards, which stay padded: ``age`` keeps them first come, first
 #   served). Simulated at 70% load with the server's max batch 4: p50 0.45-0.55x, p99 0.50-0.65x request
@@ -98,10 +98,6 @@ DEVICE_DEFAULTS: dict[str, StepDefaults] = {
     "cpu": StepDefaults(batching="request", step_policy="fair", max_tokens_per_step=1024, mix_resolutions="measured"),
     "cuda": StepDefaults(batching="step", step_policy="age", max_tokens_per_step=0, mix_resolutions="packed"),
 }
-
-
-def _defaults(device: str) -> StepDefaults:
-    return DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +126,7 @@ class SchedulerConfig:
     def resolved(self, device: str) -> SchedulerConfig:
         """This configuration with every ``auto`` setting replaced by ``device``'s default ("cpu", "cuda:0", ...;
         devices other than CUDA take the CPU's)."""
-        defaults = _defaults(device)
+        defaults = DEVICE_DEFAULTS["cuda" if str(device).startswith("cuda") else "cpu"]
         return dataclasses.replace(
             self,
             batching=defaults.batching if self.batching == AUTO else self.batching,

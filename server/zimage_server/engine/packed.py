@@ -90,11 +90,6 @@ def _patches(latents: torch.Tensor, patch_size: int, f_patch_size: int) -> int:
     return (f // f_patch_size) * (h // patch_size) * (w // patch_size)
 
 
-def needs_padding(x: Sequence[torch.Tensor], cap_feats: Sequence[torch.Tensor]) -> bool:
-    """Whether diffusers' batched forward would pad these samples (their main-layer lengths differ)."""
-    return len(set(unified_lengths(x, cap_feats))) > 1
-
-
 def padding_share(x: Sequence[torch.Tensor], cap_feats: Sequence[torch.Tensor]) -> float:
     """The share of diffusers' padded main-layer tokens that are padding (0: nothing would be padded)."""
     lengths = unified_lengths(x, cap_feats)
