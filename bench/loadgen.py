@@ -11,8 +11,9 @@ Setups (``--setups``, run one after the other in one process, on one loaded mode
               config.DEVICE_DEFAULTS) and the same batch cap.
 - ``step``    our server, step-level (continuous) batching with the same batch cap (the device's defaults
               for the step settings).
-- ``step-interleave`` / ``step-age`` / ``step-fair`` / ``step-batch``  step mode with that ``--step-policy``
-              (and ``--max-tokens-per-step``, ``--slo-factor`` as given here); ``step-<order>-t<tokens>`` with
+- ``step-interleave`` / ``step-age`` / ``step-fair`` / ``step-batch`` / ``step-wsjf``  step mode with that
+              ``--step-policy`` (and ``--max-tokens-per-step``, ``--slo-factor``, ``--mix-resolutions`` as given
+              here); ``step-<order>-t<tokens>`` with
               its own token budget instead (``step-batch-t0``: none), so one run can compare budgets.
 - ``remote``  a server that is already running at ``--target`` (no model is loaded here).
 
@@ -77,10 +78,11 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 from zimage_server.imaging import encode_image
+from zimage_server.scheduler.policy import StepOrder
 from zimage_server.types import GenerationRequest, ImageFormat
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-STEP_ORDERS = ("interleave", "age", "fair", "batch")
+STEP_ORDERS = tuple(o.value for o in StepOrder)
 SERVER_SETUPS = ("default", "batch1", "dynamic", "step", *(f"step-{o}" for o in STEP_ORDERS))
 ALL_SETUPS = ("naive", *SERVER_SETUPS, "remote")
 SUBJECTS = (
@@ -670,7 +672,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=8, help="dynamic and step setups")
     p.add_argument("--max-queue-delay-ms", type=float, default=10.0, help="dynamic setup")
     p.add_argument("--max-tokens-per-step", type=int, default=0, help="step-<order> setups (0: no limit)")
-    p.add_argument("--slo-factor", type=float, default=4.0, help="step-fair setup")
+    p.add_argument("--slo-factor", type=float, default=4.0, help="step-fair and step-wsjf setups")
+    p.add_argument("--mix-resolutions", default="auto", choices=("auto", "measured", "always", "never", "packed"),
+                   help="step-<order> setups (auto: the device's default)")
     p.add_argument("--order", choices=("setup", "point"), default="setup",
                    help="setup: each setup runs all its points, then the next; point: setups take turns per point")
     p.add_argument("--max-queue-size", type=int, default=1024, help="server queue (large: measure, not reject)")
@@ -722,7 +726,8 @@ def server_config(args: argparse.Namespace, setup: str) -> Any:
                                    max_queue_delay_ms=args.max_queue_delay_ms),
         "step": SchedulerConfig(batching="step", max_batch_size=args.max_batch_size),
         **{f"step-{o}": SchedulerConfig(batching="step", max_batch_size=args.max_batch_size, step_policy=o,
-                                        max_tokens_per_step=args.max_tokens_per_step, slo_factor=args.slo_factor)
+                                        max_tokens_per_step=args.max_tokens_per_step, slo_factor=args.slo_factor,
+                                        mix_resolutions=args.mix_resolutions)
            for o in STEP_ORDERS},
     }[setup]
     scheduler = dataclasses.replace(scheduler, max_queue_size=args.max_queue_size,
@@ -862,7 +867,8 @@ async def amain(args: argparse.Namespace) -> dict[str, Any]:
             "sizes": [f"{w}x{h}" for w, h in args.sizes], "steps": args.steps, "seed": args.seed, "seeds": seeds,
             "mix": [f"{mode}:{weight:g}" for mode, weight in args.mix],
             "max_batch_size": args.max_batch_size, "max_queue_delay_ms": args.max_queue_delay_ms,
-            "max_tokens_per_step": args.max_tokens_per_step, "slo_factor": args.slo_factor, "order": args.order,
+            "max_tokens_per_step": args.max_tokens_per_step, "slo_factor": args.slo_factor,
+            "mix_resolutions": args.mix_resolutions, "order": args.order,
             "max_queue_size": args.max_queue_size, "timeout_s": args.timeout_s, "warmup": args.warmup,
             "overhead_requests": args.overhead_requests if "batch1" in args.setups else 0,
         },

@@ -265,7 +265,7 @@ class ServerPolicy:
                            max((sl.total_steps - sl.step_index for sl in s.slots), default=0)) for s in running]
         context = Context(cap_images=self.config.max_batch_size, arrival_gap_s=est.arrival_gap_s,
                           mix_table=self.mix_table, step_s=est.step_s, default_step_s=est.default_step_s,
-                          overhead_s=est.overhead_s)
+                          overhead_s=est.overhead_s, overhead_by_tokens=est.overhead_by_tokens)
         plan = self.policy.plan(now, views_w, views_r, context)
         if isinstance(plan, Plan):
             return Decision(list(plan.admit), list(plan.forward))
@@ -279,8 +279,8 @@ class ServerPolicy:
         for s in states:
             s.last_tick = tick
 
-    def observe_done(self, state: RequestState, overhead_s: float) -> None:
-        self.estimates.record_overhead(overhead_s)
+    def observe_done(self, state: RequestState, overhead_s: float, share_s: float) -> None:
+        self.estimates.record_overhead(overhead_s, state.request.key().tokens, share_s)
 
 
 def mix_table_for(cost: CostModel, sizes: Sequence[tuple[int, int]]) -> dict[frozenset[int], bool]:
@@ -403,11 +403,13 @@ def simulate(trace: Sequence[Arrival], policy: ServerPolicy, cost: CostModel) ->
         if decision.admit:
             prompts = sum(2 if s.request.guidance_scale > 0 else 1 for s in decision.admit)
             encode_s = cost.encode_s(prompts)
+            admitted_images = sum(s.images for s in decision.admit)
             for s in decision.admit:
                 queue.remove(s)
                 started[s.seq] = now
                 s.slots = [_slot(s.request.steps) for _ in range(s.images)]
                 s.encode_s = encode_s
+                s.overhead_share_s = encode_s * s.images / admitted_images
             now += encode_s
             group = sum(s.images for s in running) + sum(s.images for s in decision.admit)
             for s in decision.admit:
@@ -430,9 +432,10 @@ def simulate(trace: Sequence[Arrival], policy: ServerPolicy, cost: CostModel) ->
         if finished:
             decode_s = cost.decode_s([s.request.key().tokens for s in finished for _ in range(s.images)])
             now += decode_s
+            decoded_images = sum(s.images for s in finished)
             for s in finished:
                 running.remove(s)
-                policy.observe_done(s, s.encode_s + decode_s)
+                policy.observe_done(s, s.encode_s + decode_s, s.overhead_share_s + decode_s * s.images / decoded_images)
                 a = arrivals[s.seq]
                 done = now + cost.output_per_token_s * a.tokens * a.images + cost.rpc_overhead_s
                 outcomes.append(Outcome(a.index, a.width, a.height, a.time_s, started[s.seq], done, batch_of[s.seq]))

@@ -59,7 +59,7 @@ def test_scheduler_settings_left_auto_take_the_device_defaults():
     (["--max-batch-size", "many"], "--max-batch-size: cannot parse"),
     (["--max-tokens-per-step=-1"], "--max-tokens-per-step must be >= 0"),
     (["--mix-resolutions", "padded"], "--mix-resolutions must be auto, measured, always, never or packed"),
-    (["--step-policy", "lottery"], "--step-policy must be auto, interleave, age, fair or batch"),
+    (["--step-policy", "lottery"], "--step-policy must be auto, interleave, age, fair, batch or wsjf"),
 ])
 def test_invalid_configuration_says_how_to_fix_it(argv, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):

@@ -286,6 +286,48 @@ def test_fair_order_runs_the_shortest_remaining_unless_a_request_is_about_to_mis
     assert policy.plan(2.7, [], [long, urgent], timing).forward == ("short",)
 
 
+def test_wsjf_order_admits_per_group_and_runs_the_group_with_the_most_images_per_second_of_work_left():
+    # 0.1 s per forward for 64x64 (16 tokens), 0.2 s for 128x64 (32 tokens); encode + decode 0.1 s and 0.3 s.
+    timing = Context(cap_images=4, step_s={16: 0.1, 32: 0.2}, overhead_by_tokens={16: 0.1, 32: 0.3})
+    policy = step_policy("wsjf", mix_resolutions="never", slo_factor=4.0)
+    # Admission per group: the 64x64 group is full (4 images), so "a5" waits (nobody of its size passes it),
+    # while the 128x64 requests behind it are admitted to fill their own forward.
+    full = [Running(f"a{i}", req(f"a{i}", steps=8), i, arrival=0.0, steps_left=8) for i in range(4)]
+    plan = policy.plan(0.0, [waiting("a5", seq=5), waiting("b1", seq=6, w=128), waiting("a6", seq=7)], full, timing)
+    assert plan.admit == ("b1",)
+    # Smith's rule: the 64x64 group finishes 4 images in 8 x 0.1 + 0.1 = 0.9 s of work (4.4 images/s); the
+    # 128x64 one 1 image in 8 x 0.2 + 0.3 = 1.9 s (0.5 images/s): the 64x64 group leads, and only it runs.
+    assert plan.forward == ("a0", "a1", "a2", "a3")
+    # One 64x64 request with 8 steps left (1 / 0.9 s) against one 128x64 request with 1 step left (1 / 0.5 s).
+    small = Running("small", req("small", steps=8), 0, arrival=0.0, steps_left=8)
+    nearly = Running("nearly", req("nearly", w=128, steps=8), 1, arrival=0.0, steps_left=1)
+    assert policy.plan(0.0, [], [small, nearly], timing).forward == ("nearly",)
+    # The encode + decode of the size counts: with 1.5 s for 128x64 it is 1 / 1.7 s, and the 64x64 one leads.
+    slow_decode = dataclasses.replace(timing, overhead_by_tokens={16: 0.1, 32: 1.5})
+    assert policy.plan(0.0, [], [small, nearly], slow_decode).forward == ("small",)
+    # Every running request has one target: 4 x the longest service time alone (128x64: 8 x 0.2 + 0.3 = 1.9 s),
+    # 7.6 s. At t = 7 "big" (8 steps left: 1.9 s) is past it (7.6 - 7 - 1.9 < 0) and leads although its group has
+    # the lower value; among groups past it, the oldest first.
+    big = Running("big", req("big", w=128, steps=8), 1, arrival=0.0, steps_left=8)
+    young = Running("young", req("young", steps=8), 2, arrival=6.9, steps_left=8)
+    assert policy.plan(7.0, [], [young, big], timing).forward == ("big",)
+    assert policy.plan(5.0, [], [young, big], timing).forward == ("young",)  # 0.7 s of slack: value decides
+    late_small = dataclasses.replace(young, arrival=-1.0)
+    assert policy.plan(7.0, [], [late_small, big], timing).forward == ("young",)
+    # Priority comes first.
+    urgent = dataclasses.replace(small, request=req("small", steps=8, priority=1))
+    assert policy.plan(7.0, [], [urgent, big], timing).forward == ("small",)
+
+
+def test_wsjf_order_holds_at_most_four_forwards_worth_of_images():
+    policy = step_policy("wsjf", mix_resolutions="never")
+    sizes = [64, 128, 192, 256, 320]  # five groups of 64 wide images
+    queue = [waiting(f"r{i}", seq=i, w=sizes[i % 5]) for i in range(20)]
+    plan = policy.plan(0.0, queue, [], Context(cap_images=2))
+    assert len(plan.admit) == 8  # 4 forwards x 2 images, taken in queue order, the rest wait
+    assert plan.admit == tuple(f"r{i}" for i in range(8))
+
+
 def test_step_policy_flag_is_validated():
     from zimage_server.config import ConfigError
 

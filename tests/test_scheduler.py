@@ -400,6 +400,8 @@ async def test_a_shared_forward_counts_as_one_step_of_every_size_in_it():
     shared = [ids for name, ids in engine.calls if name == "step" and set(ids) == {"a", "b"}]
     assert shared and set(sched.estimates.step_s) == {16, 64}  # 64x64 and 128x128: 16 and 64 tokens
     assert sched.estimates.step_s[16] >= 0.02 and sched.estimates.step_s[64] >= 0.02
+    # The encode + decode each size saw is kept by size too (the wsjf and fair orders weigh it).
+    assert set(sched.estimates.overhead_by_tokens) == {16, 64}
     await sched.close()
 
 
@@ -431,4 +433,26 @@ async def test_sparse_arrivals_do_not_wait_for_company():
     await asyncio.sleep(0.3)  # arrivals 0.3 s apart, far more than 4 x 50 ms
     (second,) = await results(sched.submit(req("second")))
     assert second.timings.queue_s < 0.03
+    await sched.close()
+
+
+async def test_admitted_requests_count_as_waiting_until_their_first_step():
+    """zimage_queue_depth (the autoscaling signal) counts a request admitted in step mode whose group has not had
+    a turn yet as waiting, whichever step order admitted it: here ``age`` keeps the older 64x64 request's group
+    going while a 128x128 one, admitted at the next step, waits for it."""
+    engine = FakeEngine(step_s=0.1)
+    metrics = Metrics()
+    sched = Scheduler(engine, SchedulerConfig(batching="step", step_policy="age", mix_resolutions="never",
+                                              max_batch_size=4), metrics)
+    sched.start()
+    a = sched.submit(req("a", steps=6))
+    while not any(name == "step" for name, _ in engine.calls):
+        await asyncio.sleep(0.01)
+    b = sched.submit(req("b", w=128, h=128, steps=2))
+    while not any(s.request_id == "b" for s in sched._running):
+        await asyncio.sleep(0.01)
+    assert not any("b" in ids for name, ids in engine.calls if name == "step")
+    assert metrics.queue_depth._value.get() == 1 and metrics.running._value.get() == 1
+    await results(a, b)
+    assert metrics.queue_depth._value.get() == 0 and metrics.running._value.get() == 0
     await sched.close()

@@ -40,7 +40,7 @@ def test_request_mode_hand_computed():
     assert latencies("request") == [0.91, 1.76]
 
 
-@pytest.mark.parametrize("policy", ["interleave", "age", "fair"])
+@pytest.mark.parametrize("policy", ["interleave", "age", "fair", "wsjf"])
 def test_step_mode_hand_computed(policy):
     # A is admitted at once: encode to 0.5, its first step to 0.6. B is admitted then (encode to 1.1) and
     # joins A's group: one forward for both to 1.2 ends A (decode to 1.4). B's last step to 1.5, decode to 1.7.
@@ -51,7 +51,7 @@ def test_step_policies_order_groups_differently():
     # A 512² request (4 steps) takes its first forward (to 0.1); two 256² requests (2 steps) arrive meanwhile.
     # age keeps the older 512² request going (done 0.4), then the 256² pair (0.6); interleave alternates
     # (256² pair at 0.2 and 0.4, the 512² at 0.3, 0.5, 0.6); fair runs the shortest remaining first (0.3, then
-    # the 512² to 0.6).
+    # the 512² to 0.6); so does wsjf (the pair finishes 2 images in 0.2 s of work, the 512² 1 in 0.3 s).
     cost = dataclasses.replace(FLAT, encode_base_s=0.0, decode_base_s=0.0)
     trace = [sim.Arrival(0, 0.0, 512, 512, steps=4), sim.Arrival(1, 0.01, 256, 256, steps=2),
              sim.Arrival(2, 0.02, 256, 256, steps=2)]
@@ -64,9 +64,10 @@ def test_step_policies_order_groups_differently():
     assert run("age") == [0.4, 0.6, 0.6]
     assert run("interleave") == [0.6, 0.4, 0.4]
     assert run("fair") == [0.6, 0.3, 0.3]
+    assert run("wsjf") == [0.6, 0.3, 0.3]
 
 
-@pytest.mark.parametrize("policy", ["interleave", "age", "fair"])
+@pytest.mark.parametrize("policy", ["interleave", "age", "fair", "wsjf"])
 def test_packed_forwards_hand_computed(policy):
     # --mix-resolutions packed: the same three requests share every forward whatever the order. A forward costs
     # 0.1 s + 1 ms per image token summed over its samples + 10 ms per sample of a mixed (packed) one: the first

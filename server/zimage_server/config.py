@@ -120,7 +120,7 @@ class SchedulerConfig:
     # auto | measured (padded, where the warm-up measured it pays) | always | never (padded forwards) |
     # packed (padding-free, issue 19)
     mix_resolutions: str = AUTO
-    step_policy: str = AUTO  # auto | interleave | age | fair | batch: which request leads each step-mode forward
+    step_policy: str = AUTO  # auto | interleave | age | fair | batch | wsjf: which request leads each step-mode forward
     slo_factor: float = 4.0  # fair step policy: latency target = this x the request's service time alone
 
     def resolved(self, device: str) -> SchedulerConfig:
@@ -161,8 +161,8 @@ class SchedulerConfig:
             raise ConfigError("--default-timeout-ms must be > 0")
         if self.priority_aging_s <= 0:
             raise ConfigError("--priority-aging-s must be > 0")
-        if self.step_policy not in (AUTO, "interleave", "age", "fair", "batch"):
-            raise ConfigError(f"--step-policy must be auto, interleave, age, fair or batch (got {self.step_policy!r})")
+        if self.step_policy not in (AUTO, "interleave", "age", "fair", "batch", "wsjf"):
+            raise ConfigError(f"--step-policy must be auto, interleave, age, fair, batch or wsjf (got {self.step_policy!r})")
         if self.max_tokens_per_step is not None and self.max_tokens_per_step < 0:
             raise ConfigError(f"--max-tokens-per-step must be >= 0 (got {self.max_tokens_per_step})")
         if self.slo_factor < 1:

@@ -63,8 +63,11 @@ class Metrics:
             "zimage_batch_size", "Images per transformer forward.", buckets=BATCH_BUCKETS, registry=r
         )
         self.forward_passes = Counter("zimage_forward_passes", "Transformer forward calls.", registry=r)
-        self.queue_depth = Gauge("zimage_queue_depth", "Requests waiting to start.", registry=r)
-        self.running = Gauge("zimage_running_requests", "Requests being denoised or decoded.", registry=r)
+        self.queue_depth = Gauge(
+            "zimage_queue_depth", "Requests waiting to start denoising (queued, or admitted before their first step).",
+            registry=r)
+        self.running = Gauge(
+            "zimage_running_requests", "Requests being text-encoded, denoised or decoded.", registry=r)
         self.max_batch_size = Gauge(
             "zimage_max_batch_size", "Current cap on images per forward (lowered after out-of-memory).", registry=r
         )

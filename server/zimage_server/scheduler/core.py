@@ -238,7 +238,7 @@ class Scheduler:
         context = Context(cap_images=self.config.max_batch_size, cap_samples=self.executor.cap_samples,
                           arrival_gap_s=self.estimates.arrival_gap_s, mix_table=self.mix_table,
                           step_s=self.estimates.step_s, default_step_s=self.estimates.default_step_s,
-                          overhead_s=self.estimates.overhead_s)
+                          overhead_s=self.estimates.overhead_s, overhead_by_tokens=self.estimates.overhead_by_tokens)
         return self.policy.plan(now, waiting, running, context)
 
     def wake(self) -> None:
@@ -338,9 +338,11 @@ class Scheduler:
                 lambda s: self.executor.run(lambda: self.engine.start([s.request])[0]), self._failer("encode"))
         encode_s = self._clock() - now
         self.metrics.text_encode_duration.observe(encode_s)
+        images = sum(state.images for state, _ in pairs) or 1
         for state, slots in pairs:
             if not state.status.finished:
                 state.slots, state.encode_s = list(slots), encode_s
+                state.overhead_share_s = encode_s * state.images / images
                 self._running.append(state)
         self._admitting = []
         self._update_gauges()
@@ -349,11 +351,13 @@ class Scheduler:
         """One forward over ``states``; on failure, each is retried alone (executor.isolate)."""
         images = sum(len(s.slots) for s in states)
         now = self._clock()
-        for state in states:
-            if not state.started_sent:
-                state.started_sent = True
-                state.emit(Started(batch_size=images, queue_s=state.started_at - state.arrival,
-                                   elapsed_s=now - state.arrival))
+        started = [state for state in states if not state.started_sent]
+        for state in started:
+            state.started_sent = True
+            state.emit(Started(batch_size=images, queue_s=state.started_at - state.arrival,
+                               elapsed_s=now - state.arrival))
+        if started:
+            self._update_gauges()
         try:
             pixels, elapsed = await self.executor.forward([sl for s in states for sl in s.slots], previews.wanted(states))
             self.estimates.record_forward((s.request for s in states), elapsed)
@@ -405,8 +409,10 @@ class Scheduler:
                 lambda s: self.executor.run(self.engine.decode, list(s.slots)), self._failer("decode"))
         decode_s = self._clock() - started
         self.metrics.decode_duration.observe(decode_s)
+        images = sum(state.images for state, _ in pairs) or 1
         for state, state_pixels in pairs:
             state.decode_s = decode_s
+            state.overhead_share_s += decode_s * state.images / images
             if state in self._running:
                 self._running.remove(state)
                 self._finishing.append(state)
@@ -438,7 +444,7 @@ class Scheduler:
             timings=Timings(queue_s=state.started_at - state.arrival, inference_s=inference_s,
                             total_s=now - state.arrival, text_encode_s=state.encode_s, decode_s=state.decode_s),
         )
-        self.estimates.record_overhead(state.encode_s + state.decode_s)
+        self.estimates.record_overhead(state.encode_s + state.decode_s, request.key().tokens, state.overhead_share_s)
         state.status = RequestStatus.FINISHED_OK
         if self.adapters is not None:
             self.adapters.release(state.request_id)
@@ -474,9 +480,12 @@ class Scheduler:
         self._wakeup.set()
 
     def _update_gauges(self) -> None:
-        self.metrics.queue_depth.set(len(self.queue))
+        # Admitted but not stepped yet (step mode: its group has not had a turn) still counts as waiting, so the
+        # queue-depth signal the autoscaler reads does not depend on how far ahead a step order admits.
+        unstarted = sum(1 for s in self._running if not s.started_sent)
+        self.metrics.queue_depth.set(len(self.queue) + unstarted)
         busy = len(self._running) + len(self._finishing) + len(self._admitting)
-        self.metrics.running.set(busy)
+        self.metrics.running.set(busy - unstarted)
         if len(self.queue) or busy:
             self._idle.clear()
         else:

@@ -17,8 +17,8 @@ One class per ``BatchingMode``:
 - ``StepModePolicy`` (continuous batching): waiting requests join at every step boundary in priority
   order while their images fit the cap; the head of the queue is never overtaken by a smaller
   request behind it (so large requests cannot starve); a request larger than the cap runs once
-  nothing else does. Each forward takes the *lead* request's group (same ``compat_key`` without
-  steps), plus the other groups when mixing resolutions pays (mix policy, measured table), within
+  nothing else does (``wsjf``: per group, see below). Each forward takes the *lead* request's group
+  (same ``compat_key`` without steps), plus the other groups when mixing resolutions pays (mix policy, measured table), within
   ``max_tokens_per_step`` (padded tokens, or with ``--mix-resolutions packed`` the sum of the samples'
   own tokens: the compatibility key then effectively drops the latent size). The lead is chosen by the step order (``--step-policy``, ``StepOrder``):
   ``interleave`` the least recently stepped request (groups take turns step by step: processor
@@ -29,7 +29,11 @@ One class per ``BatchingMode``:
   least slack first: each request's latency target is ``slo_factor`` times its own service time alone
   (targets weighted by size, i.e. weighted fair queueing across resolution buckets), a request that is
   about to miss its target leads (least slack first), otherwise the one with the least estimated work
-  left (shortest remaining first).
+  left (shortest remaining first); ``wsjf`` whole resolution groups, weighted shortest job first (Smith's rule:
+  the group that finishes the most images per second of the engine's work left on it), and the groups with a
+  request past its latency target first, oldest first (one target for every size: ``slo_factor`` times the
+  largest running size's service time alone); its admission is per group (each size may fill its own forward
+  while another runs, up to ``GROUPS_ADMITTED`` forwards' worth in all) instead of one forward's worth in all.
 
 In both modes a forward holds at most ``context.cap_images`` images and ``context.cap_samples``
 transformer samples (a CFG image is two samples), so after an out-of-memory error lowers the cap
@@ -62,6 +66,7 @@ class StepOrder(enum.Enum):
     AGE = "age"
     FAIR = "fair"
     BATCH = "batch"
+    WSJF = "wsjf"
 
 
 class MixPolicy(enum.Enum):
@@ -134,6 +139,12 @@ class Context:
     default_step_s: float = 0.0
     default_tokens: int = 0
     overhead_s: float = 0.0
+    overhead_by_tokens: Mapping[int, float] = dataclasses.field(default_factory=dict)  # share, by image tokens
+
+    def overhead_for(self, request: GenerationRequest) -> float:
+        """Estimated engine seconds of ``request``'s text encode and decode: its share of those calls at its size
+        (else what a request of any size waited for them)."""
+        return self.overhead_by_tokens.get(request.key().tokens, self.overhead_s)
 
     def forward_s(self, request: GenerationRequest) -> float:
         """Estimated seconds of one forward of ``request``'s group (0 when nothing is known)."""
@@ -240,10 +251,12 @@ class StepModePolicy(Policy):
     def admissions(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running],
                    context: Context) -> list[Waiting]:
         """Waiting requests in priority order while they fit; the head is never skipped for a smaller one."""
+        ordered = self.ordered(now, waiting)
+        if StepOrder(self.config.step_policy) is StepOrder.WSJF:
+            return self.group_admissions(ordered, running, context)
         images = sum(r.request.num_images for r in running)
         samples_ = sum(samples(r.request) for r in running)
         admitted: list[Waiting] = []
-        ordered = self.ordered(now, waiting)
         if StepOrder(self.config.step_policy) is StepOrder.BATCH:
             ordered = self.batch_joiners(now, ordered, running, context)
         for w in ordered:
@@ -254,6 +267,38 @@ class StepModePolicy(Policy):
             admitted.append(w)
             images += w.request.num_images
             samples_ += samples(w.request)
+        return admitted
+
+    def group_admissions(self, ordered: Sequence[Waiting], running: Sequence[Running], context: Context) -> list[Waiting]:
+        """The ``wsjf`` order's admissions: waiting requests in priority order while their own group (same
+        ``compat_key`` without steps) fits one forward's caps, so that every size can fill its forward while
+        another runs; within a group nobody is overtaken. At most ``GROUPS_ADMITTED`` forwards' worth of images
+        run in all (text embeddings and latents held); past that the queue's head goes first."""
+        split = self.config.split_lora_batches
+        images: dict[BatchKey, int] = {}
+        samples_: dict[BatchKey, int] = {}
+        for r in running:
+            key = compat_key(r.request, with_steps=False, split_loras=split)
+            images[key] = images.get(key, 0) + r.request.num_images
+            samples_[key] = samples_.get(key, 0) + samples(r.request)
+        total = sum(images.values())
+        blocked: set[BatchKey] = set()
+        admitted: list[Waiting] = []
+        for w in ordered:
+            key = compat_key(w.request, with_steps=False, split_loras=split)
+            if key in blocked:
+                continue
+            over = images.get(key, 0) + w.request.num_images > context.cap_images or (
+                context.cap_samples is not None and samples_.get(key, 0) + samples(w.request) > context.cap_samples)
+            if over and images.get(key, 0):
+                blocked.add(key)  # its group is full: it goes first when there is room, nobody of its size passes it
+                continue
+            if total and total + w.request.num_images > GROUPS_ADMITTED * context.cap_images:
+                break
+            admitted.append(w)
+            images[key] = images.get(key, 0) + w.request.num_images
+            samples_[key] = samples_.get(key, 0) + samples(w.request)
+            total += w.request.num_images
         return admitted
 
     def batch_joiners(self, now: float, ordered: Sequence[Waiting], running: Sequence[Running],
@@ -331,19 +376,58 @@ class StepModePolicy(Policy):
             return self.by_staleness(running)
         if order in (StepOrder.AGE, StepOrder.BATCH):
             return sorted(running, key=lambda r: (-r.request.priority, r.seq))
+        if order is StepOrder.WSJF:
+            return self.by_group_value(now, running, context)
         factor = self.config.slo_factor
 
         def key(r: Running) -> tuple[int, int, float, int]:
             per_step = context.forward_s(r.request)
             left = r.request.run_steps if r.steps_left is None else r.steps_left
-            remaining_s = left * per_step + context.overhead_s
-            target = r.arrival + factor * (r.request.run_steps * per_step + context.overhead_s)
+            remaining_s = left * per_step + context.overhead_for(r.request)
+            target = r.arrival + factor * (r.request.run_steps * per_step + context.overhead_for(r.request))
             slack = target - now - remaining_s
             if slack < 0:  # about to miss (or missed) its latency target: least slack first
                 return (-r.request.priority, 0, slack, r.seq)
             return (-r.request.priority, 1, remaining_s, r.seq)  # otherwise shortest remaining first
 
         return sorted(running, key=key)
+
+    def by_group_value(self, now: float, running: Sequence[Running], context: Context) -> list[Running]:
+        """The ``wsjf`` order: whole groups (same ``compat_key`` without steps), the first group leading.
+
+        A group whose requests all have time to spare goes by Smith's rule (weighted shortest job first): the
+        most images finished per second of the engine's work left on it (its longest request's steps left at
+        its size's step time, plus its members' shares of encode and decode), so the small and the well-filled
+        groups go first and a forward's batching is valued. A request has time to spare while it can still
+        finish within its latency target: ``slo_factor`` times the service time of the largest size running
+        at the current batching (its steps at the step time its forwards measure, plus encode and decode;
+        one target for every size, so that the large ones do not starve). Batches grow with the load and
+        their forwards take longer, so the target loosens as the load rises and small requests may pass more
+        of the queue, while groups with a request past the target go first, the oldest first (first come,
+        first served, as request mode). Priority comes before both.
+        """
+        split = self.config.split_lora_batches
+        groups: dict[BatchKey, list[Running]] = {}
+        for r in sorted(running, key=lambda r: (-r.request.priority, r.seq)):
+            groups.setdefault(compat_key(r.request, with_steps=False, split_loras=split), []).append(r)
+
+        target_s = self.config.slo_factor * max(r.request.run_steps * context.forward_s(r.request)
+                                                + context.overhead_for(r.request) for r in running)
+
+        def rank(members: list[Running]) -> tuple[int, int, float]:
+            left = [r.request.run_steps if r.steps_left is None else r.steps_left for r in members]
+            per_step = context.forward_s(members[0].request)
+            slack = min(r.arrival + target_s - now - n * per_step - context.overhead_for(r.request)
+                        for r, n in zip(members, left))
+            priority = max(r.request.priority for r in members)
+            if slack < 0:
+                return (-priority, 0, min(r.arrival for r in members))
+            chosen = [members[i] for i in self.within_cap([r.request for r in members], context)]
+            work_s = max(left) * per_step + sum(context.overhead_for(r.request) for r in chosen)
+            return (-priority, 1, -sum(r.request.num_images for r in chosen) / max(work_s, 1e-9))
+
+        ranked = sorted(groups.values(), key=lambda members: (rank(members), members[0].seq))
+        return [r for members in ranked for r in members]
 
     @staticmethod
     def forward_tokens(requests: Sequence[GenerationRequest], padded: bool) -> int:
@@ -363,6 +447,8 @@ class StepModePolicy(Policy):
         # Unmeasured: mixing is free only when no padding is needed (e.g. 384x256 with 256x384).
         return len(tokens) == 1
 
+
+GROUPS_ADMITTED = 4  # the wsjf order runs at most this many forwards' worth of images at once
 
 POLICIES: dict[BatchingMode, type[Policy]] = {BatchingMode.REQUEST: RequestModePolicy, BatchingMode.STEP: StepModePolicy}
 
