@@ -279,8 +279,8 @@ class ServerPolicy:
         for s in states:
             s.last_tick = tick
 
-    def observe_done(self, state: RequestState, overhead_s: float, share_s: float) -> None:
-        self.estimates.record_overhead(overhead_s, state.request.key().tokens, share_s)
+    def observe_done(self, state: RequestState, overhead_s: float) -> None:
+        self.estimates.record_overhead(overhead_s, state.request.key().tokens)
 
 
 def mix_table_for(cost: CostModel, sizes: Sequence[tuple[int, int]]) -> dict[frozenset[int], bool]:
@@ -403,13 +403,11 @@ def simulate(trace: Sequence[Arrival], policy: ServerPolicy, cost: CostModel) ->
         if decision.admit:
             prompts = sum(2 if s.request.guidance_scale > 0 else 1 for s in decision.admit)
             encode_s = cost.encode_s(prompts)
-            admitted_images = sum(s.images for s in decision.admit)
             for s in decision.admit:
                 queue.remove(s)
                 started[s.seq] = now
                 s.slots = [_slot(s.request.steps) for _ in range(s.images)]
                 s.encode_s = encode_s
-                s.overhead_share_s = encode_s * s.images / admitted_images
             now += encode_s
             group = sum(s.images for s in running) + sum(s.images for s in decision.admit)
             for s in decision.admit:
@@ -432,10 +430,9 @@ def simulate(trace: Sequence[Arrival], policy: ServerPolicy, cost: CostModel) ->
         if finished:
             decode_s = cost.decode_s([s.request.key().tokens for s in finished for _ in range(s.images)])
             now += decode_s
-            decoded_images = sum(s.images for s in finished)
             for s in finished:
                 running.remove(s)
-                policy.observe_done(s, s.encode_s + decode_s, s.overhead_share_s + decode_s * s.images / decoded_images)
+                policy.observe_done(s, s.encode_s + decode_s)
                 a = arrivals[s.seq]
                 done = now + cost.output_per_token_s * a.tokens * a.images + cost.rpc_overhead_s
                 outcomes.append(Outcome(a.index, a.width, a.height, a.time_s, started[s.seq], done, batch_of[s.seq]))
@@ -443,14 +440,20 @@ def simulate(trace: Sequence[Arrival], policy: ServerPolicy, cost: CostModel) ->
     return SimRun(sorted(outcomes, key=lambda o: o.index), forward_images)
 
 
-def run_policy(name: str, trace: Sequence[Arrival], cost: CostModel, knobs: SchedulerKnobs,
-               sizes: Sequence[tuple[int, int]], trace_name: str, rate: float) -> SimResult:
-    """Simulate one policy on one trace and summarize it as loadgen does."""
-    policy = make_policy(name, cost, knobs, sizes)
-    run = simulate(trace, policy, cost)
-    outcomes, forwards = run.outcomes, run.forward_images
+def run_policy(name: str, trace: Sequence[Arrival] | Sequence[Sequence[Arrival]], cost: CostModel,
+               knobs: SchedulerKnobs, sizes: Sequence[tuple[int, int]], trace_name: str, rate: float) -> SimResult:
+    """Simulate one policy on one trace, or on each of several (a fresh server each, pooled: percentiles of
+    every latency, throughput over the summed wall time, as ``bench/loadgen.py --seeds``), and summarize it
+    as loadgen does."""
+    traces = [trace] if not trace or isinstance(trace[0], Arrival) else list(trace)
+    outcomes, forwards, wall = [], [], 0.0
+    for one in traces:
+        run = simulate(one, make_policy(name, cost, knobs, sizes), cost)
+        outcomes += run.outcomes
+        forwards += run.forward_images
+        wall += max(o.done_s for o in run.outcomes)
+    trace = [a for one in traces for a in one]
     lat = np.array([o.latency_s for o in outcomes])
-    wall = max(o.done_s for o in outcomes)
     by_size: dict[str, list[float]] = {}
     for o in outcomes:
         by_size.setdefault(f"{o.width}x{o.height}", []).append(o.latency_s)
@@ -512,6 +515,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--size-weights", type=_floats, default=[])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=lambda t: [int(x) for x in t.split(",") if x.strip()], default=[],
+                   help="several traces (one per seed), each on a fresh server, summarized pooled")
     p.add_argument("--burst-size", type=int, default=4)
     p.add_argument("--diurnal-period-s", type=float, default=600.0)
     p.add_argument("--img2img-fraction", type=float, default=0.0)
@@ -541,6 +546,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if not args.capacity and not (args.rates or args.loads):
         args.loads = [0.5, 0.7]
     return args
+
+
+def _traces(args: argparse.Namespace, rate: float) -> list[Arrival] | list[list[Arrival]]:
+    """The trace at ``rate``, or with ``--seeds`` one trace per seed (pooled by run_policy)."""
+    if not args.seeds:
+        return make_trace(_spec(args, rate))
+    return [make_trace(dataclasses.replace(_spec(args, rate), seed=seed)) for seed in args.seeds]
 
 
 def _spec(args: argparse.Namespace, rate: float) -> TraceSpec:
@@ -585,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "request", _spec(args, 1.0), cost, knobs)
         rates = list(args.rates) + [load * capacity_rate for load in args.loads]
         for rate in rates:
-            trace = make_trace(_spec(args, rate))
+            trace = _traces(args, rate)
             for name in args.policies:
                 result = run_policy(name, trace, cost, knobs, args.sizes, args.trace, rate)
                 results.append(dataclasses.replace(result, load=rate / capacity_rate))

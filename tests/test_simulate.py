@@ -12,6 +12,7 @@ import math
 import pathlib
 import sys
 
+import numpy as np
 import pytest
 
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "bench"
@@ -154,3 +155,18 @@ def test_loadgen_engine_trace_reports_busy_share_and_back_to_back_gaps():
     assert math.isclose(summary["busy_share"], 0.040 / 0.6)
     assert math.isclose(summary["gap_p50_ms"], 2.0) and math.isclose(summary["gap_mean_ms"], 2.0)
     assert trace.summary([(trace.mark(), trace.mark())], wall_s=1.0) == {}  # no calls in the range
+
+
+def test_seeds_pool_the_traces_each_on_a_fresh_server():
+    # --seeds: every trace runs on its own server; the summary pools the latencies and sums the wall times.
+    spec = sim.TraceSpec(kind="poisson", rate=4.0, requests=30, seed=1)
+    traces = [sim.make_trace(spec), sim.make_trace(dataclasses.replace(spec, seed=2))]
+    knobs = sim.SchedulerKnobs(max_batch_size=4)
+    pooled = sim.run_policy("wsjf", traces, sim.CostModel.load(BENCH / "results" / "cost-cpu-tiny-measured.json"),
+                            knobs, spec.sizes, "poisson", 4.0)
+    cost = sim.CostModel.load(BENCH / "results" / "cost-cpu-tiny-measured.json")
+    runs = [sim.simulate(t, sim.make_policy("wsjf", cost, knobs, spec.sizes), cost) for t in traces]
+    latencies = [o.latency_s for r in runs for o in r.outcomes]
+    assert pooled.requests == 60
+    assert pooled.p50_s == pytest.approx(float(np.percentile(latencies, 50)))
+    assert pooled.throughput_img_s == pytest.approx(60 / sum(max(o.done_s for o in r.outcomes) for r in runs))

@@ -338,11 +338,9 @@ class Scheduler:
                 lambda s: self.executor.run(lambda: self.engine.start([s.request])[0]), self._failer("encode"))
         encode_s = self._clock() - now
         self.metrics.text_encode_duration.observe(encode_s)
-        images = sum(state.images for state, _ in pairs) or 1
         for state, slots in pairs:
             if not state.status.finished:
                 state.slots, state.encode_s = list(slots), encode_s
-                state.overhead_share_s = encode_s * state.images / images
                 self._running.append(state)
         self._admitting = []
         self._update_gauges()
@@ -409,10 +407,8 @@ class Scheduler:
                 lambda s: self.executor.run(self.engine.decode, list(s.slots)), self._failer("decode"))
         decode_s = self._clock() - started
         self.metrics.decode_duration.observe(decode_s)
-        images = sum(state.images for state, _ in pairs) or 1
         for state, state_pixels in pairs:
             state.decode_s = decode_s
-            state.overhead_share_s += decode_s * state.images / images
             if state in self._running:
                 self._running.remove(state)
                 self._finishing.append(state)
@@ -444,7 +440,7 @@ class Scheduler:
             timings=Timings(queue_s=state.started_at - state.arrival, inference_s=inference_s,
                             total_s=now - state.arrival, text_encode_s=state.encode_s, decode_s=state.decode_s),
         )
-        self.estimates.record_overhead(state.encode_s + state.decode_s, request.key().tokens, state.overhead_share_s)
+        self.estimates.record_overhead(state.encode_s + state.decode_s, request.key().tokens)
         state.status = RequestStatus.FINISHED_OK
         if self.adapters is not None:
             self.adapters.release(state.request_id)

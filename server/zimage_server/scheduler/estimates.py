@@ -10,14 +10,13 @@ from ..types import GenerationRequest
 
 class Estimates:
     """Seconds of a step as a request of each size (image tokens per sample) experiences it (EMA over the
-    forwards it was in), a request's share of the text encode and decode calls by size, overhead per request,
-    arrival gap."""
+    forwards it was in), the text encode and decode a request of each size waited for, arrival gap."""
 
     def __init__(self, default_step_s: float = 0.0):
         self.default_step_s = default_step_s  # the warm-up's measurement, until real steps are seen
         self.step_s: dict[int, float] = {}  # bounded by the distinct sizes served
         self.overhead_s = 0.0  # text encode + decode per request, any size (for sizes not finished yet)
-        self.overhead_by_tokens: dict[int, float] = {}  # share of the encode + decode calls: grows with the size
+        self.overhead_by_tokens: dict[int, float] = {}  # the same by size (decode grows with it): bounded like step_s
         self.arrival_gap_s: float | None = None
         self._last_arrival: float | None = None
 
@@ -46,14 +45,13 @@ class Estimates:
         for tokens in {r.key().tokens for r in requests}:
             self.record_step(tokens, seconds)
 
-    def record_overhead(self, seconds: float, tokens: int | None = None, share_s: float | None = None) -> None:
-        """A finished request's text encode + decode calls (``seconds``, as it waited for them) and its share of
-        them (``share_s``: by its images in each call) at its size (``tokens``: image tokens per sample)."""
+    def record_overhead(self, seconds: float, tokens: int | None = None) -> None:
+        """A finished request's text encode + decode calls, as it waited for them; ``tokens``: its image tokens
+        per sample."""
         self.overhead_s = seconds if self.overhead_s == 0 else 0.8 * self.overhead_s + 0.2 * seconds
         if tokens is not None:
-            share = seconds if share_s is None else share_s
             previous = self.overhead_by_tokens.get(tokens)
-            self.overhead_by_tokens[tokens] = share if previous is None else 0.8 * previous + 0.2 * share
+            self.overhead_by_tokens[tokens] = seconds if previous is None else 0.8 * previous + 0.2 * seconds
 
     def record_arrival(self, now: float) -> None:
         if self._last_arrival is not None:

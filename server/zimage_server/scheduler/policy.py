@@ -139,11 +139,10 @@ class Context:
     default_step_s: float = 0.0
     default_tokens: int = 0
     overhead_s: float = 0.0
-    overhead_by_tokens: Mapping[int, float] = dataclasses.field(default_factory=dict)  # share, by image tokens
+    overhead_by_tokens: Mapping[int, float] = dataclasses.field(default_factory=dict)  # by image tokens per sample
 
     def overhead_for(self, request: GenerationRequest) -> float:
-        """Estimated engine seconds of ``request``'s text encode and decode: its share of those calls at its size
-        (else what a request of any size waited for them)."""
+        """Estimated seconds ``request`` waits for its text encode and decode calls (its size's, else any size's)."""
         return self.overhead_by_tokens.get(request.key().tokens, self.overhead_s)
 
     def forward_s(self, request: GenerationRequest) -> float:
@@ -396,10 +395,10 @@ class StepModePolicy(Policy):
         """The ``wsjf`` order: whole groups (same ``compat_key`` without steps), the first group leading.
 
         A group whose requests all have time to spare goes by Smith's rule (weighted shortest job first): the
-        most images finished per second of the engine's work left on it (its longest request's steps left at
-        its size's step time, plus its members' shares of encode and decode), so the small and the well-filled
-        groups go first and a forward's batching is valued. A request has time to spare while it can still
-        finish within its latency target: ``slo_factor`` times the service time of the largest size running
+        most images finished per second of the work left on it (its longest request's steps left at its size's
+        step time, plus the encode and decode calls of its size), so the small and the well-filled groups go
+        first and a forward's batching is valued. A request has time to spare while it can still finish within
+        its latency target: ``slo_factor`` times the service time of the largest size running
         at the current batching (its steps at the step time its forwards measure, plus encode and decode;
         one target for every size, so that the large ones do not starve). Batches grow with the load and
         their forwards take longer, so the target loosens as the load rises and small requests may pass more
@@ -411,20 +410,20 @@ class StepModePolicy(Policy):
         for r in sorted(running, key=lambda r: (-r.request.priority, r.seq)):
             groups.setdefault(compat_key(r.request, with_steps=False, split_loras=split), []).append(r)
 
-        target_s = self.config.slo_factor * max(r.request.run_steps * context.forward_s(r.request)
-                                                + context.overhead_for(r.request) for r in running)
+        def work_s(r: Running, steps: int) -> float:
+            return steps * context.forward_s(r.request) + context.overhead_for(r.request)
+
+        target_s = self.config.slo_factor * max(work_s(r, r.request.run_steps) for r in running)
 
         def rank(members: list[Running]) -> tuple[int, int, float]:
             left = [r.request.run_steps if r.steps_left is None else r.steps_left for r in members]
-            per_step = context.forward_s(members[0].request)
-            slack = min(r.arrival + target_s - now - n * per_step - context.overhead_for(r.request)
-                        for r, n in zip(members, left))
+            slack = min(r.arrival + target_s - now - work_s(r, n) for r, n in zip(members, left))
             priority = max(r.request.priority for r in members)
             if slack < 0:
                 return (-priority, 0, min(r.arrival for r in members))
-            chosen = [members[i] for i in self.within_cap([r.request for r in members], context)]
-            work_s = max(left) * per_step + sum(context.overhead_for(r.request) for r in chosen)
-            return (-priority, 1, -sum(r.request.num_images for r in chosen) / max(work_s, 1e-9))
+            chosen = self.within_cap([r.request for r in members], context)
+            images = sum(members[i].request.num_images for i in chosen)
+            return (-priority, 1, -images / max(work_s(members[0], max(left)), 1e-9))
 
         ranked = sorted(groups.values(), key=lambda members: (rank(members), members[0].seq))
         return [r for members in ranked for r in members]

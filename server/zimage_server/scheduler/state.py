@@ -71,7 +71,6 @@ class RequestState:
     started_at: float = 0.0
     encode_s: float = 0.0
     decode_s: float = 0.0
-    overhead_share_s: float = 0.0  # its share of the encode and decode calls it was in (by its images)
     batch_size: int = 0  # the most images that shared a forward with this request
     last_tick: int = 0  # forward counter when it last stepped (0: not yet)
     started_sent: bool = False
