@@ -82,8 +82,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--mix-resolutions", "scheduler", "mix_resolutions", "str",
            "step mode: auto (packed on a GPU, measured on a CPU) | measured | always | never | packed"),
     Option("--step-policy", "scheduler", "step_policy", "str",
-           "step mode: auto (fair on a CPU, age on a GPU) | interleave | age | fair | batch (lead of each forward)"),
-    Option("--slo-factor", "scheduler", "slo_factor", "float", "fair / wsjf step policies: latency target = factor x service time alone (wsjf: of the largest running size)"),
+           "step mode: auto (fair on a CPU, age on a GPU) | interleave | age | fair | batch | wsjf "
+           "(lead of each forward)"),
+    Option("--slo-factor", "scheduler", "slo_factor", "float",
+           "fair / wsjf step policies: latency target = factor x service time (wsjf: of the largest running size)"),
     Option("--host", "server", "host", "str", "gRPC bind address"),
     Option("--port", "server", "port", "int", "gRPC port"),
     Option("--metrics-host", "server", "metrics_host", "str",

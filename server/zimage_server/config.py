@@ -121,7 +121,7 @@ class SchedulerConfig:
     # packed (padding-free, issue 19)
     mix_resolutions: str = AUTO
     step_policy: str = AUTO  # auto | interleave | age | fair | batch | wsjf: which request leads each step-mode forward
-    slo_factor: float = 4.0  # fair step policy: latency target = this x the request's service time alone
+    slo_factor: float = 4.0  # fair / wsjf step policies: latency target = this x a service time (policy.py)
 
     def resolved(self, device: str) -> SchedulerConfig:
         """This configuration with every ``auto`` setting replaced by ``device``'s default ("cpu", "cuda:0", ...;
@@ -162,7 +162,8 @@ class SchedulerConfig:
         if self.priority_aging_s <= 0:
             raise ConfigError("--priority-aging-s must be > 0")
         if self.step_policy not in (AUTO, "interleave", "age", "fair", "batch", "wsjf"):
-            raise ConfigError(f"--step-policy must be auto, interleave, age, fair, batch or wsjf (got {self.step_policy!r})")
+            raise ConfigError(
+                f"--step-policy must be auto, interleave, age, fair, batch or wsjf (got {self.step_policy!r})")
         if self.max_tokens_per_step is not None and self.max_tokens_per_step < 0:
             raise ConfigError(f"--max-tokens-per-step must be >= 0 (got {self.max_tokens_per_step})")
         if self.slo_factor < 1:

@@ -6,6 +6,9 @@ again (``math.inf``: until something changes). Triton's ``GetDynamicBatch`` retu
 same way; vLLM v1's ``schedule()`` returns plain data the same way. The scheduler (core.py) acts
 on the answer; tests and the simulator call ``plan`` directly with a fake clock.
 
+Size: over ~450 lines because the five step orders share one admission and forward-building path (one class
+per mode, each order a ranking of the running requests); splitting them would split that path.
+
 One class per ``BatchingMode``:
 
 - ``RequestModePolicy`` (Triton-style dynamic batching): when nothing runs, the highest-priority
@@ -18,8 +21,8 @@ One class per ``BatchingMode``:
   order while their images fit the cap; the head of the queue is never overtaken by a smaller
   request behind it (so large requests cannot starve); a request larger than the cap runs once
   nothing else does (``wsjf``: per group, see below). Each forward takes the *lead* request's group
-  (same ``compat_key`` without steps), plus the other groups when mixing resolutions pays (mix policy, measured table), within
-  ``max_tokens_per_step`` (padded tokens, or with ``--mix-resolutions packed`` the sum of the samples'
+  (same ``compat_key`` without steps), plus the other groups when mixing resolutions pays (mix policy,
+  measured table), within ``max_tokens_per_step`` (padded tokens, or with ``--mix-resolutions packed`` the sum of the samples'
   own tokens: the compatibility key then effectively drops the latent size). The lead is chosen by the step order (``--step-policy``, ``StepOrder``):
   ``interleave`` the least recently stepped request (groups take turns step by step: processor
   sharing); ``age`` the oldest (a group runs until its oldest request is done, newcomers still join
@@ -32,7 +35,7 @@ One class per ``BatchingMode``:
   left (shortest remaining first); ``wsjf`` whole resolution groups, weighted shortest job first (Smith's rule:
   the group that finishes the most images per second of the engine's work left on it), and the groups with a
   request past its latency target first, oldest first (one target for every size: ``slo_factor`` times the
-  largest running size's service time alone); its admission is per group (each size may fill its own forward
+  largest running size's service time at the current batching); its admission is per group (each size may fill its own forward
   while another runs, up to ``GROUPS_ADMITTED`` forwards' worth in all) instead of one forward's worth in all.
 
 In both modes a forward holds at most ``context.cap_images`` images and ``context.cap_samples``
