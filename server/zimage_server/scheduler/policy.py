@@ -186,13 +186,18 @@ class Policy(abc.ABC):
         return sorted(waiting, key=lambda w: (-(w.request.priority + (now - w.arrival) / aging), w.seq))
 
     @staticmethod
+    def exceeds_caps(images: int, samples_: int, request: GenerationRequest, context: Context) -> bool:
+        """Whether ``request`` on top of ``images`` images and ``samples_`` samples passes a forward's caps."""
+        return images + request.num_images > context.cap_images or (
+            context.cap_samples is not None and samples_ + samples(request) > context.cap_samples)
+
+    @staticmethod
     def within_cap(requests: Sequence[GenerationRequest], context: Context) -> list[int]:
         """Indices of the leading requests that fit the caps (always at least the first)."""
         chosen: list[int] = []
         images = samples_ = 0
         for i, request in enumerate(requests):
-            over = images + request.num_images > context.cap_images or (
-                context.cap_samples is not None and samples_ + samples(request) > context.cap_samples)
+            over = Policy.exceeds_caps(images, samples_, request, context)
             if chosen and over:
                 continue
             chosen.append(i)
@@ -262,8 +267,7 @@ class StepModePolicy(Policy):
         if StepOrder(self.config.step_policy) is StepOrder.BATCH:
             ordered = self.batch_joiners(now, ordered, running, context)
         for w in ordered:
-            over = images + w.request.num_images > context.cap_images or (
-                context.cap_samples is not None and samples_ + samples(w.request) > context.cap_samples)
+            over = self.exceeds_caps(images, samples_, w.request, context)
             if over and (images or admitted):
                 break
             admitted.append(w)
@@ -290,8 +294,7 @@ class StepModePolicy(Policy):
             key = compat_key(w.request, with_steps=False, split_loras=split)
             if key in blocked:
                 continue
-            over = images.get(key, 0) + w.request.num_images > context.cap_images or (
-                context.cap_samples is not None and samples_.get(key, 0) + samples(w.request) > context.cap_samples)
+            over = self.exceeds_caps(images.get(key, 0), samples_.get(key, 0), w.request, context)
             if over and images.get(key, 0):
                 blocked.add(key)  # its group is full: it goes first when there is room, nobody of its size passes it
                 continue
