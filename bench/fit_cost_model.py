@@ -153,8 +153,7 @@ def fit(measured: dict) -> dict:
     rel = (pred - b) / b
     enc = measured["encodes"]
     e = nnls(np.array([[1.0, x["prompts"]] for x in enc]), np.array([x["seconds"] for x in enc]))
-    dec = measured["decodes"]
-    g = nnls(np.array([[1.0, x["tokens"]] for x in dec]), np.array([x["seconds"] for x in dec]))
+    g = fit_decode(measured["decodes"])
     png = measured["pngs"]
     p1 = float(np.mean([x["seconds"] / x["tokens"] for x in png]))
     for f, fitted in zip(fw, pred, strict=True):
@@ -162,10 +161,21 @@ def fit(measured: dict) -> dict:
     return {
         "forward": {"base_s": coef[0], "per_sample_s": coef[1], "per_token_s": coef[2], "per_token_sq_ms": coef[3]},
         "text_encode": {"base_s": e[0], "per_prompt_s": e[1]},
-        "decode": {"base_s": g[0], "per_token_s": g[1]},
+        "decode": g,
         "output_encode": {"per_token_s": p1},
         "fit_error": {"forward_mean_abs_rel": float(np.mean(np.abs(rel))), "forward_max_abs_rel": float(np.max(np.abs(rel)))},
     }
+
+
+def fit_decode(decodes: Sequence[dict]) -> dict:
+    """The decode coefficients from decodes of ``images`` same-size images (``tokens`` in all): per image and per call,
+    each linear plus quadratic in one image's tokens (weighted by 1/time, as the forwards)."""
+    rows = [(x["tokens"] / x["images"], x["images"]) for x in decodes]
+    a = np.array([[t * k, t * t * k / 1e3, t, t * t / 1e3] for t, k in rows])
+    b = np.array([x["seconds"] for x in decodes])
+    c = nnls(a / b[:, None], np.ones_like(b))
+    return {"base_s": 0.0, "per_token_s": c[0], "per_token_sq_ms": c[1], "call_per_token_s": c[2],
+            "call_per_token_sq_ms": c[3], "fit_abs_rel": [float(v) for v in np.abs(a @ c - b) / b]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

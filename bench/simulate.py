@@ -152,6 +152,11 @@ class CostModel:
     encode_per_prompt_s: float
     decode_base_s: float
     decode_per_token_s: float
+    # A decode call's cost grows faster than its tokens (a 512² image costs more per token than a 256² one) and
+    # part of it is paid once per call (per same-size group), whatever the images: batching decodes pays.
+    decode_per_token_sq_ms: float = 0.0  # per image, times its tokens squared / 1e3
+    decode_call_per_token_s: float = 0.0  # per call, times one image's tokens
+    decode_call_per_token_sq_ms: float = 0.0  # per call, times one image's tokens squared / 1e3
     forward_floor_s: float = 0.0  # a GPU forward never takes less (launch/overhead bound at small batches)
     output_per_token_s: float = 0.0
     scheduler_overhead_s: float = 0.0  # per forward: event loop and engine-thread hops
@@ -168,7 +173,9 @@ class CostModel:
             name=data.get("name", pathlib.Path(path).stem), forward_base_s=f["base_s"],
             forward_per_sample_s=f["per_sample_s"], forward_per_token_s=f["per_token_s"],
             forward_per_token_sq_ms=f["per_token_sq_ms"], encode_base_s=e["base_s"], encode_per_prompt_s=e["per_prompt_s"],
-            decode_base_s=d["base_s"], decode_per_token_s=d["per_token_s"], forward_floor_s=f.get("floor_s", 0.0),
+            decode_base_s=d["base_s"], decode_per_token_s=d["per_token_s"],
+            decode_per_token_sq_ms=d.get("per_token_sq_ms", 0.0), decode_call_per_token_s=d.get("call_per_token_s", 0.0),
+            decode_call_per_token_sq_ms=d.get("call_per_token_sq_ms", 0.0), forward_floor_s=f.get("floor_s", 0.0),
             output_per_token_s=data.get("output_encode", {}).get("per_token_s", 0.0),
             scheduler_overhead_s=data.get("scheduler_overhead_s", 0.0), rpc_overhead_s=data.get("rpc_overhead_s", 0.0),
             mix_padded=data.get("mix_padded", True),
@@ -203,7 +210,9 @@ class CostModel:
         groups: dict[int, int] = {}
         for t in tokens:
             groups[t] = groups.get(t, 0) + 1
-        return sum(self.decode_base_s + self.decode_per_token_s * t * k for t, k in groups.items())
+        return sum(self.decode_base_s + (self.decode_per_token_s * t + self.decode_per_token_sq_ms * t * t / 1e3) * k
+                   + self.decode_call_per_token_s * t + self.decode_call_per_token_sq_ms * t * t / 1e3
+                   for t, k in groups.items())
 
     def solo_s(self, arrival: Arrival) -> float:
         """Service time of a request alone on an idle engine (no RPC): encode, its steps, decode, PNG."""

@@ -170,3 +170,29 @@ def test_seeds_pool_the_traces_each_on_a_fresh_server():
     assert pooled.requests == 60
     assert pooled.p50_s == pytest.approx(float(np.percentile(latencies, 50)))
     assert pooled.throughput_img_s == pytest.approx(60 / sum(max(o.done_s for o in r.outcomes) for r in runs))
+
+
+def test_decode_cost_has_a_per_call_part_that_batching_shares():
+    # Per image 1 ms per token, per call 0.5 ms per token of one image: one 256² decode costs 256 + 128 ms, two
+    # together 512 + 128 ms (not twice 384), and two sizes are two calls.
+    cost = dataclasses.replace(FLAT, decode_base_s=0.0, decode_per_token_s=0.001, decode_call_per_token_s=0.0005)
+    assert cost.decode_s([256]) == pytest.approx(0.384)
+    assert cost.decode_s([256, 256]) == pytest.approx(0.640)
+    assert cost.decode_s([256, 1024]) == pytest.approx(0.384 + 1.536)
+
+
+def test_fit_decode_recovers_per_image_and_per_call_costs():
+    import fit_cost_model
+
+    truth = {"per_token_s": 1e-4, "per_token_sq_ms": 2e-4, "call_per_token_s": 5e-5, "call_per_token_sq_ms": 1e-4}
+
+    def seconds(t: int, k: int) -> float:
+        return ((truth["per_token_s"] * t + truth["per_token_sq_ms"] * t * t / 1e3) * k
+                + truth["call_per_token_s"] * t + truth["call_per_token_sq_ms"] * t * t / 1e3)
+
+    decodes = [{"size": f"{t}", "images": k, "tokens": t * k, "seconds": seconds(t, k)}
+               for t in (256, 384, 1024) for k in (1, 2, 4)]
+    fitted = fit_cost_model.fit_decode(decodes)
+    for name, value in truth.items():
+        assert fitted[name] == pytest.approx(value, rel=1e-6)
+    assert max(fitted["fit_abs_rel"]) < 1e-6
