@@ -9,7 +9,8 @@ Each shape is timed ``--repeats`` times (the fastest: least disturbed on a share
 
 where a mixed forward pads every sample to the largest one (``padded_tokens = max_tokens * samples``,
 ``padded_tokens_sq = max_tokens**2 * samples``: the attention term). Text encode is ``e0 + e1 * prompts``,
-decode ``g0 + g1 * tokens`` per same-size group, and the output PNG ``p1 * tokens`` per image (off the
+a decode of ``k`` same-size images of ``t`` tokens ``(g1 * t + g2 * t**2 / 1e3) * k + g3 * t + g4 * t**2 / 1e3``
+(per image, plus per call: batching decodes pays; ``fit_decode``), and the output PNG ``p1 * tokens`` per image (off the
 engine thread).
 
     python bench/fit_cost_model.py --preset bench         # writes bench/results/cost-cpu-bench.json

@@ -13,7 +13,9 @@ Cost model (``CostModel``, JSON under ``bench/results/cost-*.json``): a forward 
 ``t_i`` costs ``max(floor, base + per_sample * n + per_token * T * n + per_token_sq * T^2 * n / 1e3)``, every
 sample padded to ``T = max t_i`` when resolutions mix (``mix_padded``); a packed forward (``--mix-resolutions
 packed``, engine/packed.py) of mixed sizes costs the sum over its samples plus ``packed_per_sample_s`` per sample
-(the per-segment attention calls and modulation; measured by bench/bench_packed.py); CFG counts a request twice; a text encode ``base + per_prompt * p``; a decode ``base + per_token * tokens`` per same-size group; the output PNG ``per_token * tokens`` per image,
+(the per-segment attention calls and modulation; measured by bench/bench_packed.py); CFG counts a request twice; a text encode ``base + per_prompt * p``; a decode per same-size group of ``k`` images of
+``t`` tokens ``base + (per_token * t + per_token_sq * t^2 / 1e3) * k + call_per_token * t + call_per_token_sq * t^2 / 1e3``
+(the ``call_`` terms: paid once per call, so batching decodes pays; absent from the older cost files); the output PNG ``per_token * tokens`` per image,
 off the engine thread (adds latency, not engine time). ``bench/fit_cost_model.py`` fits the CPU ones here;
 the GPU ones are derived from published timings, with their sources in the JSON.
 
