@@ -208,6 +208,24 @@ def test_step_mode_never_lets_a_smaller_request_overtake_the_head(order):
     assert big.admit == ("huge",)
 
 
+@pytest.mark.parametrize("order", [o for o in ORDERS if o != "batch"])
+def test_step_mode_admits_per_forward_so_requests_that_cannot_share_one_fill_their_own(order):
+    from zimage_server.types import LoraRef
+
+    # Sizes never mixed: the 64x64 forward is full (the head, 2 images, does not fit and nobody of its size passes
+    # it), but the 128x64 request behind them runs in a forward of its own, so it is admitted.
+    never = step_policy(order, mix_resolutions="never")
+    queue = [waiting("head", seq=1, n=2), waiting("small", seq=2), waiting("wide", seq=3, w=128)]
+    assert never.plan(0.0, queue, [running("r", 1, n=3)], CTX).admit == ("wide",)
+    # Packed: every size shares the one forward, so nothing is admitted behind a full one ...
+    packed = step_policy(order, mix_resolutions="packed")
+    assert packed.plan(0.0, queue, [running("r", 1, n=3)], CTX).admit == ()
+    # ... except a request with adapters, whose forwards stay one size (engine/packed.py).
+    styled = Waiting("styled", dataclasses.replace(req("styled", w=128), loras=(LoraRef(name="s", scale=1.0),)), 4,
+                     0.0, None)
+    assert packed.plan(0.0, [*queue, styled], [running("r", 1, n=3)], CTX).admit == ("styled",)
+
+
 @pytest.mark.parametrize("order", ORDERS)
 def test_step_mode_orders_admissions_by_aged_priority(order):
     policy = step_policy(order, priority_aging_s=10.0)

@@ -18,9 +18,10 @@ One class per ``BatchingMode``:
   opener's deadline, or at once when arrivals are too sparse for company to be likely. It runs all
   its steps together; nothing is admitted while it runs.
 - ``StepModePolicy`` (continuous batching): waiting requests join at every step boundary in priority
-  order while their images fit the cap; the head of the queue is never overtaken by a smaller
-  request behind it (so large requests cannot starve); a request larger than the cap runs once
-  nothing else does (``wsjf``: per group, see below). Each forward takes the *lead* request's group
+  order while the forward each will share has room (one forward's caps per group of requests that can
+  share a forward, so sizes that cannot share each fill their own; ``GROUPS_ADMITTED`` forwards' worth in
+  all); within a group the head of the queue is never overtaken by a smaller request behind it (so large
+  requests cannot starve); a request larger than the cap runs once nothing else of its group does. Each forward takes the *lead* request's group
   (same ``compat_key`` without steps), plus the other groups when mixing resolutions pays (mix policy,
   measured table), within ``max_tokens_per_step`` (padded tokens, or with ``--mix-resolutions packed`` the sum of the samples'
   own tokens: the compatibility key then effectively drops the latent size). The lead is chosen by the step order (``--step-policy``, ``StepOrder``):
@@ -35,8 +36,7 @@ One class per ``BatchingMode``:
   left (shortest remaining first); ``wsjf`` whole resolution groups, weighted shortest job first (Smith's rule:
   the group that finishes the most images per second of the engine's work left on it), and the groups with a
   request past its latency target first, oldest first (one target for every size: ``slo_factor`` times the
-  largest running size's service time at the current batching); its admission is per group (each size may fill its own forward
-  while another runs, up to ``GROUPS_ADMITTED`` forwards' worth in all) instead of one forward's worth in all.
+  largest running size's service time at the current batching).
 
 In both modes a forward holds at most ``context.cap_images`` images and ``context.cap_samples``
 transformer samples (a CFG image is two samples), so after an out-of-memory error lowers the cap
@@ -257,16 +257,15 @@ class StepModePolicy(Policy):
 
     def admissions(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running],
                    context: Context) -> list[Waiting]:
-        """Waiting requests in priority order while they fit; the head is never skipped for a smaller one."""
+        """Waiting requests in priority order while the forward each will share has room (``group_admissions``;
+        ``batch``: only those sharing the running group's forward, ``batch_joiners``, within one forward's caps)."""
         ordered = self.ordered(now, waiting)
-        if StepOrder(self.config.step_policy) is StepOrder.WSJF:
+        if StepOrder(self.config.step_policy) is not StepOrder.BATCH:
             return self.group_admissions(ordered, running, context)
         images = sum(r.request.num_images for r in running)
         samples_ = sum(samples(r.request) for r in running)
         admitted: list[Waiting] = []
-        if StepOrder(self.config.step_policy) is StepOrder.BATCH:
-            ordered = self.batch_joiners(now, ordered, running, context)
-        for w in ordered:
+        for w in self.batch_joiners(now, ordered, running, context):
             over = self.exceeds_caps(images, samples_, w.request, context)
             if over and (images or admitted):
                 break
@@ -276,22 +275,26 @@ class StepModePolicy(Policy):
         return admitted
 
     def group_admissions(self, ordered: Sequence[Waiting], running: Sequence[Running], context: Context) -> list[Waiting]:
-        """The ``wsjf`` order's admissions: waiting requests in priority order while their own group (same
-        ``compat_key`` without steps) fits one forward's caps, so that every size can fill its forward while
-        another runs; within a group nobody is overtaken. At most ``GROUPS_ADMITTED`` forwards' worth of images
-        run in all (text embeddings and latents held); past that the queue's head goes first."""
-        split = self.config.split_lora_batches
-        images: dict[BatchKey, int] = {}
-        samples_: dict[BatchKey, int] = {}
+        """Waiting requests in priority order while the forward each will share (``admission_group``) fits one
+        forward's caps, so that requests that cannot share a forward each fill their own while another runs;
+        within a group nobody is overtaken. At most ``GROUPS_ADMITTED`` forwards' worth of images run in all (text
+        embeddings and latents held); past that the queue's head goes first.
+
+        (Admitting one forward's worth in all, as before the sixth session, starved the forwards whenever sizes
+        could not share one: the oldest request's group ran with one image while other sizes held the rest of the
+        running set. In the simulator on the GPU cost models, sizes never mixed, max batch 4, 70% load, ``age``
+        then fell behind the arrivals: p99 15-20x request mode's. Forwards with LoRA adapters are never mixed.)"""
+        images: dict[Hashable, int] = {}
+        samples_: dict[Hashable, int] = {}
         for r in running:
-            key = compat_key(r.request, with_steps=False, split_loras=split)
+            key = self.admission_group(r.request)
             images[key] = images.get(key, 0) + r.request.num_images
             samples_[key] = samples_.get(key, 0) + samples(r.request)
         total = sum(images.values())
-        blocked: set[BatchKey] = set()
+        blocked: set[Hashable] = set()
         admitted: list[Waiting] = []
         for w in ordered:
-            key = compat_key(w.request, with_steps=False, split_loras=split)
+            key = self.admission_group(w.request)
             if key in blocked:
                 continue
             over = self.exceeds_caps(images.get(key, 0), samples_.get(key, 0), w.request, context)
@@ -305,6 +308,16 @@ class StepModePolicy(Policy):
             samples_[key] = samples_.get(key, 0) + samples(w.request)
             total += w.request.num_images
         return admitted
+
+    def admission_group(self, request: GenerationRequest) -> Hashable:
+        """Which forward ``request`` will share, for admission: its ``compat_key`` group (without steps), or one
+        group for every size where sizes share forwards anyway (``always``; ``packed``, less requests with adapters,
+        whose forwards stay one size)."""
+        key = compat_key(request, with_steps=False, split_loras=self.config.split_lora_batches)
+        mode = MixPolicy(self.config.mix_resolutions)
+        if mode is MixPolicy.ALWAYS or (mode is MixPolicy.PACKED and not request.loras):
+            return ("any size", key.loras)
+        return key
 
     def batch_joiners(self, now: float, ordered: Sequence[Waiting], running: Sequence[Running],
                       context: Context) -> list[Waiting]:
@@ -453,7 +466,7 @@ class StepModePolicy(Policy):
         return len(tokens) == 1
 
 
-GROUPS_ADMITTED = 4  # the wsjf order runs at most this many forwards' worth of images at once
+GROUPS_ADMITTED = 4  # step mode runs at most this many forwards' worth of images at once
 
 POLICIES: dict[BatchingMode, type[Policy]] = {BatchingMode.REQUEST: RequestModePolicy, BatchingMode.STEP: StepModePolicy}
 
