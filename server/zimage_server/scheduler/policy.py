@@ -278,12 +278,8 @@ class StepModePolicy(Policy):
         """Waiting requests in priority order while the forward each will share (``admission_group``) fits one
         forward's caps, so that requests that cannot share a forward each fill their own while another runs;
         within a group nobody is overtaken. At most ``GROUPS_ADMITTED`` forwards' worth of images run in all (text
-        embeddings and latents held); past that the queue's head goes first.
-
-        (Admitting one forward's worth in all, as before the sixth session, starved the forwards whenever sizes
-        could not share one: the oldest request's group ran with one image while other sizes held the rest of the
-        running set. In the simulator on the GPU cost models, sizes never mixed, max batch 4, 70% load, ``age``
-        then fell behind the arrivals: p99 15-20x request mode's. Forwards with LoRA adapters are never mixed.)"""
+        embeddings and latents held); past that the queue's head goes first. (One forward's worth in all starved
+        the forwards when sizes could not share one: docs/benchmarks.md, "Admission per forward".)"""
         images: dict[Hashable, int] = {}
         samples_: dict[Hashable, int] = {}
         for r in running:
@@ -312,7 +308,7 @@ class StepModePolicy(Policy):
     def admission_group(self, request: GenerationRequest) -> Hashable:
         """Which forward ``request`` will share, for admission: its ``compat_key`` group (without steps), or one
         group for every size where sizes share forwards anyway (``always``; ``packed``, less requests with adapters,
-        whose forwards stay one size)."""
+        whose forwards stay one size). With ``measured`` mixing it stays per size, also for pairs the table mixes."""
         key = compat_key(request, with_steps=False, split_loras=self.config.split_lora_batches)
         mode = MixPolicy(self.config.mix_resolutions)
         if mode is MixPolicy.ALWAYS or (mode is MixPolicy.PACKED and not request.loras):
