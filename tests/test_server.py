@@ -221,10 +221,13 @@ async def test_queue_full_is_resource_exhausted_with_retry_info(make_server):
         stub = pb_grpc.ImageGenerationServiceStub(channel)
         slow = [asyncio.ensure_future(stub.Generate(build_request(f"s{i}", width=512, height=512, steps=40)))
                 for i in range(2)]
-        for _ in range(500):  # one running, one waiting
+        for _ in range(3000):  # one running, one waiting (a busy CI machine may take seconds to get there)
             if server.scheduler.queue_depth == 1 and server.scheduler.running_count == 1:
                 break
             await asyncio.sleep(0.01)
+        else:
+            pytest.fail(f"never one running and one waiting: {server.scheduler.queue_depth} waiting, "
+                        f"{server.scheduler.running_count} running")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Generate(build_request("overflow", width=64, height=64, steps=1))
         err = info.value
