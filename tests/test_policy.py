@@ -208,7 +208,7 @@ def test_step_mode_never_lets_a_smaller_request_overtake_the_head(order):
     assert big.admit == ("huge",)
 
 
-@pytest.mark.parametrize("order", [o for o in ORDERS if o != "batch"])
+@pytest.mark.parametrize("order", ["age", "interleave", "wsjf"])
 def test_step_mode_admits_per_forward_so_requests_that_cannot_share_one_fill_their_own(order):
     from zimage_server.types import LoraRef
 
@@ -224,6 +224,15 @@ def test_step_mode_admits_per_forward_so_requests_that_cannot_share_one_fill_the
     styled = Waiting("styled", dataclasses.replace(req("styled", w=128), loras=(LoraRef(name="s", scale=1.0),)), 4,
                      0.0, None)
     assert packed.plan(0.0, [*queue, styled], [running("r", 1, n=3)], CTX).admit == ("styled",)
+
+
+@pytest.mark.parametrize("order", ["fair", "batch"])
+def test_fair_and_batch_orders_admit_one_forwards_worth_in_all(order):
+    # fair ranks the running set shortest first across sizes: admitting the 128x64 request past the blocked head
+    # would let it overtake a queued request it only shares the queue with. (batch admits only the running group.)
+    never = step_policy(order, mix_resolutions="never")
+    queue = [waiting("head", seq=1, n=2), waiting("small", seq=2), waiting("wide", seq=3, w=128)]
+    assert never.plan(0.0, queue, [running("r", 1, n=3)], CTX).admit == ()
 
 
 @pytest.mark.parametrize("order", ORDERS)

@@ -18,10 +18,11 @@ One class per ``BatchingMode``:
   opener's deadline, or at once when arrivals are too sparse for company to be likely. It runs all
   its steps together; nothing is admitted while it runs.
 - ``StepModePolicy`` (continuous batching): waiting requests join at every step boundary in priority
-  order while the forward each will share has room (one forward's caps per group of requests that can
-  share a forward, so sizes that cannot share each fill their own; ``GROUPS_ADMITTED`` forwards' worth in
-  all); within a group the head of the queue is never overtaken by a smaller request behind it (so large
-  requests cannot starve); a request larger than the cap runs once nothing else of its group does. Each forward takes the *lead* request's group
+  order while the forward each will share has room (``age``, ``interleave``, ``wsjf``: one forward's caps per
+  group of requests that can share a forward, so sizes that cannot share each fill their own;
+  ``GROUPS_ADMITTED`` forwards' worth in all) or while one forward's caps hold in all (``fair``, ``batch``);
+  the head of the queue (of its group) is never overtaken by a smaller request behind it (so large
+  requests cannot starve); a request larger than the cap runs once nothing else (of its group) does. Each forward takes the *lead* request's group
   (same ``compat_key`` without steps), plus the other groups when mixing resolutions pays (mix policy,
   measured table), within ``max_tokens_per_step`` (padded tokens, or with ``--mix-resolutions packed`` the sum of the samples'
   own tokens: the compatibility key then effectively drops the latent size). The lead is chosen by the step order (``--step-policy``, ``StepOrder``):
@@ -257,15 +258,18 @@ class StepModePolicy(Policy):
 
     def admissions(self, now: float, waiting: Sequence[Waiting], running: Sequence[Running],
                    context: Context) -> list[Waiting]:
-        """Waiting requests in priority order while the forward each will share has room (``group_admissions``;
-        ``batch``: only those sharing the running group's forward, ``batch_joiners``, within one forward's caps)."""
+        """Waiting requests in priority order: per forward each will share (``group_admissions``: ``age``,
+        ``interleave``, ``wsjf``), or while one forward's caps hold in all, the head never skipped for a smaller one
+        (``fair``, whose shortest-first ranking would otherwise pass a queued large request; ``batch``: only those
+        sharing the running group's forward, ``batch_joiners``)."""
         ordered = self.ordered(now, waiting)
-        if StepOrder(self.config.step_policy) is not StepOrder.BATCH:
+        order = StepOrder(self.config.step_policy)
+        if order in PER_FORWARD_ADMISSION:
             return self.group_admissions(ordered, running, context)
         images = sum(r.request.num_images for r in running)
         samples_ = sum(samples(r.request) for r in running)
         admitted: list[Waiting] = []
-        for w in self.batch_joiners(now, ordered, running, context):
+        for w in self.batch_joiners(now, ordered, running, context) if order is StepOrder.BATCH else ordered:
             over = self.exceeds_caps(images, samples_, w.request, context)
             if over and (images or admitted):
                 break
@@ -462,7 +466,8 @@ class StepModePolicy(Policy):
         return len(tokens) == 1
 
 
-GROUPS_ADMITTED = 4  # step mode runs at most this many forwards' worth of images at once
+GROUPS_ADMITTED = 4  # admission per forward holds at most this many forwards' worth of images at once
+PER_FORWARD_ADMISSION = frozenset({StepOrder.AGE, StepOrder.INTERLEAVE, StepOrder.WSJF})
 
 POLICIES: dict[BatchingMode, type[Policy]] = {BatchingMode.REQUEST: RequestModePolicy, BatchingMode.STEP: StepModePolicy}
 
