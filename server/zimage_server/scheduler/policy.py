@@ -6,8 +6,8 @@ again (``math.inf``: until something changes). Triton's ``GetDynamicBatch`` retu
 same way; vLLM v1's ``schedule()`` returns plain data the same way. The scheduler (core.py) acts
 on the answer; tests and the simulator call ``plan`` directly with a fake clock.
 
-Size: over ~450 lines because the five step orders share one admission and forward-building path (one class
-per mode, each order a ranking of the running requests); splitting them would split that path.
+Size: over ~450 lines because the five step orders share the admission and forward-building code (one class
+per mode, each order a ranking of the running requests); splitting them would split that code.
 
 One class per ``BatchingMode``:
 
